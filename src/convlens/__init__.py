@@ -1,0 +1,46 @@
+"""convlens: look inside convolutional networks.
+
+Compute functions return tensors and dataclasses; :mod:`convlens.plot` turns them into
+matplotlib figures (``import convlens`` itself never imports matplotlib).
+
+Example:
+    >>> import convlens, torchvision
+    >>> model = torchvision.models.resnet18()
+    >>> x = convlens.load_model("resnet18").preprocess(convlens.sample_image())
+    >>> acts = convlens.capture(model, x, ["bn1", "layer4"])
+    >>> r = convlens.occlude(model, x, box=(30, 90, 40, 110), layers=["bn1", "layer4"])
+"""
+
+from convlens.analysis.activations import channel_stats, mean_map, normalize_maps
+from convlens.analysis.filters import filter_responses, selectivity
+from convlens.analysis.occlusion import OcclusionResult, occlude
+from convlens.capture import capture
+from convlens.device import resolve_device
+from convlens.errors import ConvlensError, ImageLoadError, LayerNotFoundError, ModelLoadError
+from convlens.images import load_image, sample_image
+from convlens.models import ModelBundle, SimpleCNN, list_layers, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvlensError",
+    "ImageLoadError",
+    "LayerNotFoundError",
+    "ModelBundle",
+    "ModelLoadError",
+    "OcclusionResult",
+    "SimpleCNN",
+    "__version__",
+    "capture",
+    "channel_stats",
+    "filter_responses",
+    "list_layers",
+    "load_image",
+    "load_model",
+    "mean_map",
+    "normalize_maps",
+    "occlude",
+    "resolve_device",
+    "sample_image",
+    "selectivity",
+]

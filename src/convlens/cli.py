@@ -1,0 +1,293 @@
+"""The ``convlens`` command line. It only parses arguments, calls the API and writes files.
+
+Every command takes ``--out DIR`` and ``--device auto|cpu|cuda|mps``, prints what it wrote,
+and exits with status 2 and a one-line reason on bad input.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import torch
+
+from convlens import __version__
+from convlens._io import write_json
+from convlens.errors import ConvlensError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEVICE_CHOICES = click.Choice(["auto", "cpu", "cuda", "mps"], case_sensitive=False)
+
+
+class BadInput(click.ClickException):
+    """A one-line error, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"convlens: error: {self.format_message()}", err=True)
+
+
+def _handle_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ConvlensError, ValueError, TypeError, KeyError, FileNotFoundError) as e:
+            msg = str(e) if not isinstance(e, KeyError) or isinstance(e, ConvlensError) else str(e.args[0])
+            raise BadInput(msg.splitlines()[0] if msg else type(e).__name__) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _versions(device: torch.device) -> dict[str, Any]:
+    import torchvision
+
+    return {
+        "convlens": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+
+
+def _wrote(paths: list[Path]) -> None:
+    for p in paths:
+        click.echo(f"wrote {p}")
+
+
+def _layers_arg(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    if not names:
+        raise BadInput("--layers is empty: give comma-separated layer names, e.g. bn1,layer4")
+    return names
+
+
+def _device_option(fn: F) -> F:
+    return click.option(
+        "--device",
+        type=DEVICE_CHOICES,
+        default="auto",
+        show_default=True,
+        help="Where to compute; auto picks CUDA when it is there.",
+    )(fn)
+
+
+def _model_options(fn: F) -> F:
+    fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed of a random init.")(fn)
+    fn = click.option("--arch", default=None, help="Architecture of a .pt/.pth state dict.")(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="convlens")
+def main() -> None:
+    """Look inside convolutional networks: filters, activations, spatial information."""
+
+
+@main.command("layers")
+@click.argument("model")
+@click.option("--input-size", type=int, default=None, help="Input side in pixels (default: the model's).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write layers.json into this folder.")
+@_model_options
+@_device_option
+@_handle_errors
+def layers_cmd(model: str, input_size: int | None, out: Path | None, arch: str | None,
+               seed: int, device: str) -> None:
+    """List every addressable layer of MODEL with its output shape and calls per forward.
+
+    MODEL is simple_cnn, a torchvision name (resnet18, googlenet, ...) or a checkpoint path.
+    """
+    from convlens.device import resolve_device
+    from convlens.models import list_layers, load_model
+
+    dev = resolve_device(device)
+    bundle = load_model(model, arch=arch, seed=seed, device=dev)
+    size = input_size or bundle.input_size
+    infos = list_layers(bundle.model, (1, 3, size, size))
+    w = max([len(i.name) for i in infos] + [5])
+    tw = max([len(i.type) for i in infos] + [4])
+    click.echo(f"{bundle.description}, input 1x3x{size}x{size}")
+    click.echo(f"{'layer'.ljust(w)}  {'type'.ljust(tw)}  {'output shape':<20} calls  params")
+    for i in infos:
+        shape = "x".join(map(str, i.output_shape)) if i.output_shape else "-"
+        click.echo(f"{i.name.ljust(w)}  {i.type.ljust(tw)}  {shape:<20} {i.calls:>5}  {i.params:,}")
+    if out is not None:
+        path = write_json(out / "layers.json", {
+            "model": bundle.description,
+            "input_shape": [1, 3, size, size],
+            "layers": [i.to_dict() for i in infos],
+            "versions": _versions(dev),
+        })
+        _wrote([path])
+
+
+@main.command("filters")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
+              show_default=True, help="Folder for the figures and selectivity.json.")
+@_device_option
+@_handle_errors
+def filters_cmd(out: Path, device: str) -> None:
+    """Hand-made 3x3 kernels on synthetic images: the course's grid and a selectivity table."""
+    from convlens.analysis.filters import KERNELS, selectivity, test_images
+    from convlens.device import resolve_device
+    from convlens.plot import filter_grid, kernels, save_figure
+
+    dev = resolve_device(device)
+    table = selectivity(device=dev)
+    click.echo("peak response of each kernel (columns) on each image (rows), border excluded:")
+    click.echo(str(table))
+    written = [
+        save_figure(filter_grid(), out / "filters.png"),
+        save_figure(filter_grid(test_images(), KERNELS), out / "filters_all.png"),
+        save_figure(kernels(), out / "kernels.png"),
+        write_json(out / "filters.json", {
+            "selectivity": table.to_dict(),
+            "kernels": {k: v.tolist() for k, v in KERNELS.items()},
+            "images": {k: v.tolist() for k, v in test_images().items()},
+            "padding": 1,
+            "versions": _versions(dev),
+        }),
+    ]
+    _wrote(written)
+
+
+def _load_input(bundle: Any, image: str | None) -> tuple[torch.Tensor, str]:
+    from convlens.images import load_image, sample_image, sample_image_path
+
+    if image is None:
+        return bundle.preprocess(sample_image()), str(sample_image_path().name)
+    return bundle.preprocess(load_image(image)), image
+
+
+def _safe_name(layer: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in layer)
+
+
+@main.command("activations")
+@click.option("--model", "model_spec", default="simple_cnn", show_default=True,
+              help="simple_cnn, a torchvision name, or a checkpoint path.")
+@click.option("--image", default=None, help="Image path or URL (default: the bundled sample).")
+@click.option("--layers", "layers", default=None,
+              help="Comma-separated layer names (default: an early and a deep layer).")
+@click.option("--relu/--no-relu", default=True, show_default=True,
+              help="Apply ReLU before averaging (as the course does for BatchNorm outputs).")
+@click.option("--max-maps", type=int, default=64, show_default=True,
+              help="Feature maps shown per layer.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
+              show_default=True)
+@_model_options
+@_device_option
+@_handle_errors
+def activations_cmd(model_spec: str, image: str | None, layers: str | None, relu: bool,
+                    max_maps: int, out: Path, arch: str | None, seed: int, device: str) -> None:
+    """What each layer responds to: mean maps by depth and every feature map of a layer."""
+    from convlens.analysis.activations import channel_stats
+    from convlens.capture import capture
+    from convlens.device import resolve_device
+    from convlens.models import load_model
+    from convlens.models.zoo import default_layers
+    from convlens.plot import channel_stats as plot_stats
+    from convlens.plot import feature_maps, mean_maps, save_figure
+
+    dev = resolve_device(device)
+    bundle = load_model(model_spec, arch=arch, seed=seed, device=dev)
+    names = _layers_arg(layers) or default_layers(bundle)
+    x, source = _load_input(bundle, image)
+    acts = capture(bundle.model, x, names)
+    written = [save_figure(mean_maps(acts, relu=relu), out / "mean_maps.png")]
+    summary: dict[str, Any] = {}
+    for name, act in acts.items():
+        if act.ndim != 4:
+            summary[name] = {"shape": list(act.shape[1:]), "note": "not a feature map"}
+            continue
+        stats = channel_stats(act[0])
+        written.append(save_figure(feature_maps(act, title=name, max_maps=max_maps),
+                                   out / f"feature_maps_{_safe_name(name)}.png"))
+        written.append(save_figure(plot_stats(stats, title=name),
+                                   out / f"channel_stats_{_safe_name(name)}.png"))
+        summary[name] = {
+            "shape": list(act.shape[1:]),
+            "mean": float(act.mean()),
+            "max": float(act.max()),
+            "fraction_active": float((act > 0).float().mean()),
+            "channels": stats.to_dict(),
+        }
+        click.echo(f"{name:<20} {'x'.join(map(str, act.shape[1:])):<14} mean {float(act.mean()):+.3f}"
+                   f"  max {float(act.max()):.3f}  active {float((act > 0).float().mean()):.0%}")
+    written.append(write_json(out / "activations.json", {
+        "model": bundle.description,
+        "image": source,
+        "relu": relu,
+        "layers": summary,
+        "versions": _versions(dev),
+    }))
+    _wrote(written)
+
+
+def _parse_box(value: str) -> tuple[int, int, int, int]:
+    try:
+        parts = tuple(int(v) for v in value.replace(" ", "").split(","))
+    except ValueError:
+        raise BadInput(f"--box {value!r}: expected four integers top,bottom,left,right") from None
+    if len(parts) != 4:
+        raise BadInput(f"--box {value!r}: expected four integers top,bottom,left,right")
+    return parts  # type: ignore[return-value]
+
+
+@main.command("occlude")
+@click.option("--model", "model_spec", default="simple_cnn", show_default=True,
+              help="simple_cnn, a torchvision name, or a checkpoint path.")
+@click.option("--image", default=None, help="Image path or URL (default: the bundled sample).")
+@click.option("--box", default="30,90,40,110", show_default=True,
+              help="top,bottom,left,right in input pixels (after preprocessing).")
+@click.option("--layers", "layers", default=None,
+              help="Comma-separated layer names (default: an early and a deep layer).")
+@click.option("--fill", type=click.Choice(["zero", "black", "mean", "blur"]), default="zero",
+              show_default=True, help="zero = 0 after normalisation (the dataset mean colour).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
+              show_default=True)
+@_model_options
+@_device_option
+@_handle_errors
+def occlude_cmd(model_spec: str, image: str | None, box: str, layers: str | None, fill: str,
+                out: Path, arch: str | None, seed: int, device: str) -> None:
+    """The spatial experiment: black out a box and measure where each layer changes."""
+    from convlens.analysis.occlusion import occlude
+    from convlens.device import resolve_device
+    from convlens.models import load_model
+    from convlens.models.zoo import default_layers
+    from convlens.plot import occlusion, save_figure
+
+    dev = resolve_device(device)
+    bundle = load_model(model_spec, arch=arch, seed=seed, device=dev)
+    names = _layers_arg(layers) or default_layers(bundle)
+    x, source = _load_input(bundle, image)
+    mean, std = bundle.normalize
+    result = occlude(bundle.model, x, _parse_box(box), names, fill,  # type: ignore[arg-type]
+                     mean=mean, std=std, model_name=bundle.description)
+    click.echo(f"{'layer':<20} {'inside_fraction':>15} {'area_fraction':>13}")
+    for name, ch in result.layers.items():
+        inside = "n/a" if ch.inside_fraction != ch.inside_fraction else f"{ch.inside_fraction:.3f}"
+        click.echo(f"{name:<20} {inside:>15} {ch.area_fraction:>13.3f}")
+    data = result.to_dict()
+    data["image"] = source
+    data["versions"] = _versions(dev)
+    _wrote([
+        save_figure(occlusion(result), out / "occlusion.png"),
+        write_json(out / "occlusion.json", data),
+    ])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

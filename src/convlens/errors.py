@@ -1,0 +1,58 @@
+"""Exceptions raised by convlens.
+
+Every error names what went wrong and how to fix it, so a notebook user never has to
+read a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConvlensError", "ImageLoadError", "LayerNotFoundError", "ModelLoadError"]
+
+
+class ConvlensError(Exception):
+    """Base class of the errors convlens raises on purpose."""
+
+
+class ImageLoadError(ConvlensError, ValueError):
+    """An image could not be loaded. The message names the source and the reason.
+
+    Example:
+        >>> try:
+        ...     load_image("missing.jpg")
+        ... except ImageLoadError as e:
+        ...     print(e)  # cannot load image 'missing.jpg': no such file
+    """
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"cannot load image {source}: {reason}")
+
+
+class LayerNotFoundError(ConvlensError, KeyError):
+    """A layer name is not a module of the model. The message lists the closest names.
+
+    Example:
+        >>> capture(model, x, ["layer5"])  # LayerNotFoundError: no layer 'layer5' ... did you mean 'layer4'?
+    """
+
+    def __init__(self, name: str, suggestions: list[str], hint: str = "") -> None:
+        self.name = name
+        self.suggestions = suggestions
+        msg = f"no layer {name!r} in the model"
+        if suggestions:
+            msg += "; closest names: " + ", ".join(repr(s) for s in suggestions)
+        msg += hint or "; `convlens layers MODEL` or convlens.list_layers(model) lists them all"
+        self.message = msg
+        super().__init__(msg)
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
+        return self.message
+
+
+class ModelLoadError(ConvlensError, ValueError):
+    """A model spec could not be resolved or its weights could not be loaded.
+
+    Example:
+        >>> load_model("resnet81")  # ModelLoadError: unknown model 'resnet81'; closest: 'resnet18', ...
+    """

@@ -1,0 +1,22 @@
+"""Figures for every convlens result. The only package that imports matplotlib.
+
+Each function returns a :class:`matplotlib.figure.Figure` (never calls ``plt.show()``):
+in Jupyter it displays as the cell's value; elsewhere ``save_figure(fig, "x.png")``.
+"""
+
+from convlens.plot._base import save_figure
+from convlens.plot.activations import channel_stats, feature_maps, mean_maps
+from convlens.plot.filters import filter_grid, kernels
+from convlens.plot.images import channels
+from convlens.plot.occlusion import occlusion
+
+__all__ = [
+    "channel_stats",
+    "channels",
+    "feature_maps",
+    "filter_grid",
+    "kernels",
+    "mean_maps",
+    "occlusion",
+    "save_figure",
+]

@@ -1,0 +1,61 @@
+"""Figure helpers shared by the plot functions: pyplot-free figures, atomic saving."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from convlens._io import atomic_open
+
+__all__ = ["grid_shape", "hide_ticks", "new_figure", "save_figure", "to_numpy_image"]
+
+
+def new_figure(width: float, height: float, **kwargs: Any) -> Figure:
+    """A Figure not registered with pyplot: no global state, no leaks in loops, shown once
+    by Jupyter when it is the cell's value."""
+    fig = Figure(figsize=(width, height), **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 110) -> Path:
+    """Save ``fig`` as PNG atomically (temp file + rename); returns the path.
+
+    Example:
+        >>> save_figure(convlens.plot.filter_grid(), "out/filters.png")
+        PosixPath('out/filters.png')
+    """
+    path = Path(path)
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def grid_shape(n: int, max_cols: int = 8) -> tuple[int, int]:
+    """Rows and columns of a near-square grid for ``n`` panels."""
+    cols = min(max_cols, max(1, math.ceil(math.sqrt(n))))
+    return math.ceil(n / cols), cols
+
+
+def hide_ticks(ax: Axes) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def to_numpy_image(img: torch.Tensor) -> Any:
+    """``[3, H, W]`` / ``[1, H, W]`` / ``[H, W]`` tensor to a numpy array for ``imshow``."""
+    t = img.detach().float().cpu()
+    if t.ndim == 3 and t.shape[0] in (1, 3):
+        t = t.permute(1, 2, 0)
+        if t.shape[2] == 1:
+            t = t[:, :, 0]
+    elif t.ndim != 2:
+        raise ValueError(f"expected an image [3, H, W] or [H, W], got {list(img.shape)}")
+    return t.clamp(0, 1).numpy() if t.ndim == 3 else t.numpy()
