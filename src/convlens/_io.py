@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "write_json", "to_jsonable"]
+__all__ = ["atomic_open", "to_jsonable", "write_json"]
 
 
 @contextlib.contextmanager

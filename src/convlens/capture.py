@@ -8,6 +8,7 @@ the forward ends as soon as the last requested output exists.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -34,10 +35,10 @@ _CALLS_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], dict[st
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (the CPU for a stateless model)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -135,11 +136,8 @@ def capture(
     try:
         for n in names:
             handles.append(modules[n].register_forward_hook(make_hook(n)))
-        with evaluating(model), torch.no_grad():
-            try:
-                model(x)
-            except _StopForward:
-                pass
+        with evaluating(model), torch.no_grad(), contextlib.suppress(_StopForward):
+            model(x)
     finally:
         for h in handles:
             h.remove()

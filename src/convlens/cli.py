@@ -40,7 +40,11 @@ def _handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (ConvlensError, ValueError, TypeError, KeyError, FileNotFoundError) as e:
-            msg = str(e) if not isinstance(e, KeyError) or isinstance(e, ConvlensError) else str(e.args[0])
+            msg = (
+                str(e)
+                if not isinstance(e, KeyError) or isinstance(e, ConvlensError)
+                else str(e.args[0])
+            )
             raise BadInput(msg.splitlines()[0] if msg else type(e).__name__) from None
 
     return wrapper  # type: ignore[return-value]
@@ -83,7 +87,9 @@ def _device_option(fn: F) -> F:
 
 
 def _model_options(fn: F) -> F:
-    fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed of a random init.")(fn)
+    fn = click.option(
+        "--seed", type=int, default=0, show_default=True, help="Seed of a random init."
+    )(fn)
     fn = click.option("--arch", default=None, help="Architecture of a .pt/.pth state dict.")(fn)
     return fn
 
@@ -96,14 +102,22 @@ def main() -> None:
 
 @main.command("layers")
 @click.argument("model")
-@click.option("--input-size", type=int, default=None, help="Input side in pixels (default: the model's).")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Also write layers.json into this folder.")
+@click.option(
+    "--input-size", type=int, default=None, help="Input side in pixels (default: the model's)."
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write layers.json into this folder.",
+)
 @_model_options
 @_device_option
 @_handle_errors
-def layers_cmd(model: str, input_size: int | None, out: Path | None, arch: str | None,
-               seed: int, device: str) -> None:
+def layers_cmd(
+    model: str, input_size: int | None, out: Path | None, arch: str | None, seed: int, device: str
+) -> None:
     """List every addressable layer of MODEL with its output shape and calls per forward.
 
     MODEL is simple_cnn, a torchvision name (resnet18, googlenet, ...) or a checkpoint path.
@@ -123,18 +137,26 @@ def layers_cmd(model: str, input_size: int | None, out: Path | None, arch: str |
         shape = "x".join(map(str, i.output_shape)) if i.output_shape else "-"
         click.echo(f"{i.name.ljust(w)}  {i.type.ljust(tw)}  {shape:<20} {i.calls:>5}  {i.params:,}")
     if out is not None:
-        path = write_json(out / "layers.json", {
-            "model": bundle.description,
-            "input_shape": [1, 3, size, size],
-            "layers": [i.to_dict() for i in infos],
-            "versions": _versions(dev),
-        })
+        path = write_json(
+            out / "layers.json",
+            {
+                "model": bundle.description,
+                "input_shape": [1, 3, size, size],
+                "layers": [i.to_dict() for i in infos],
+                "versions": _versions(dev),
+            },
+        )
         _wrote([path])
 
 
 @main.command("filters")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
-              show_default=True, help="Folder for the figures and selectivity.json.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("out"),
+    show_default=True,
+    help="Folder for the figures and selectivity.json.",
+)
 @_device_option
 @_handle_errors
 def filters_cmd(out: Path, device: str) -> None:
@@ -151,13 +173,16 @@ def filters_cmd(out: Path, device: str) -> None:
         save_figure(filter_grid(), out / "filters.png"),
         save_figure(filter_grid(test_images(), KERNELS), out / "filters_all.png"),
         save_figure(kernels(), out / "kernels.png"),
-        write_json(out / "filters.json", {
-            "selectivity": table.to_dict(),
-            "kernels": {k: v.tolist() for k, v in KERNELS.items()},
-            "images": {k: v.tolist() for k, v in test_images().items()},
-            "padding": 1,
-            "versions": _versions(dev),
-        }),
+        write_json(
+            out / "filters.json",
+            {
+                "selectivity": table.to_dict(),
+                "kernels": {k: v.tolist() for k, v in KERNELS.items()},
+                "images": {k: v.tolist() for k, v in test_images().items()},
+                "padding": 1,
+                "versions": _versions(dev),
+            },
+        ),
     ]
     _wrote(written)
 
@@ -175,22 +200,49 @@ def _safe_name(layer: str) -> str:
 
 
 @main.command("activations")
-@click.option("--model", "model_spec", default="simple_cnn", show_default=True,
-              help="simple_cnn, a torchvision name, or a checkpoint path.")
+@click.option(
+    "--model",
+    "model_spec",
+    default="simple_cnn",
+    show_default=True,
+    help="simple_cnn, a torchvision name, or a checkpoint path.",
+)
 @click.option("--image", default=None, help="Image path or URL (default: the bundled sample).")
-@click.option("--layers", "layers", default=None,
-              help="Comma-separated layer names (default: an early and a deep layer).")
-@click.option("--relu/--no-relu", default=True, show_default=True,
-              help="Apply ReLU before averaging (as the course does for BatchNorm outputs).")
-@click.option("--max-maps", type=int, default=64, show_default=True,
-              help="Feature maps shown per layer.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
-              show_default=True)
+@click.option(
+    "--layers",
+    "layers",
+    default=None,
+    help="Comma-separated layer names (default: an early and a deep layer).",
+)
+@click.option(
+    "--relu/--no-relu",
+    default=True,
+    show_default=True,
+    help="Apply ReLU before averaging (as the course does for BatchNorm outputs).",
+)
+@click.option(
+    "--max-maps", type=int, default=64, show_default=True, help="Feature maps shown per layer."
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("out"),
+    show_default=True,
+)
 @_model_options
 @_device_option
 @_handle_errors
-def activations_cmd(model_spec: str, image: str | None, layers: str | None, relu: bool,
-                    max_maps: int, out: Path, arch: str | None, seed: int, device: str) -> None:
+def activations_cmd(
+    model_spec: str,
+    image: str | None,
+    layers: str | None,
+    relu: bool,
+    max_maps: int,
+    out: Path,
+    arch: str | None,
+    seed: int,
+    device: str,
+) -> None:
     """What each layer responds to: mean maps by depth and every feature map of a layer."""
     from convlens.analysis.activations import channel_stats
     from convlens.capture import capture
@@ -212,10 +264,17 @@ def activations_cmd(model_spec: str, image: str | None, layers: str | None, relu
             summary[name] = {"shape": list(act.shape[1:]), "note": "not a feature map"}
             continue
         stats = channel_stats(act[0])
-        written.append(save_figure(feature_maps(act, title=name, max_maps=max_maps),
-                                   out / f"feature_maps_{_safe_name(name)}.png"))
-        written.append(save_figure(plot_stats(stats, title=name),
-                                   out / f"channel_stats_{_safe_name(name)}.png"))
+        written.append(
+            save_figure(
+                feature_maps(act, title=name, max_maps=max_maps),
+                out / f"feature_maps_{_safe_name(name)}.png",
+            )
+        )
+        written.append(
+            save_figure(
+                plot_stats(stats, title=name), out / f"channel_stats_{_safe_name(name)}.png"
+            )
+        )
         summary[name] = {
             "shape": list(act.shape[1:]),
             "mean": float(act.mean()),
@@ -223,15 +282,22 @@ def activations_cmd(model_spec: str, image: str | None, layers: str | None, relu
             "fraction_active": float((act > 0).float().mean()),
             "channels": stats.to_dict(),
         }
-        click.echo(f"{name:<20} {'x'.join(map(str, act.shape[1:])):<14} mean {float(act.mean()):+.3f}"
-                   f"  max {float(act.max()):.3f}  active {float((act > 0).float().mean()):.0%}")
-    written.append(write_json(out / "activations.json", {
-        "model": bundle.description,
-        "image": source,
-        "relu": relu,
-        "layers": summary,
-        "versions": _versions(dev),
-    }))
+        click.echo(
+            f"{name:<20} {'x'.join(map(str, act.shape[1:])):<14} mean {float(act.mean()):+.3f}"
+            f"  max {float(act.max()):.3f}  active {float((act > 0).float().mean()):.0%}"
+        )
+    written.append(
+        write_json(
+            out / "activations.json",
+            {
+                "model": bundle.description,
+                "image": source,
+                "relu": relu,
+                "layers": summary,
+                "versions": _versions(dev),
+            },
+        )
+    )
     _wrote(written)
 
 
@@ -242,26 +308,57 @@ def _parse_box(value: str) -> tuple[int, int, int, int]:
         raise BadInput(f"--box {value!r}: expected four integers top,bottom,left,right") from None
     if len(parts) != 4:
         raise BadInput(f"--box {value!r}: expected four integers top,bottom,left,right")
-    return parts  # type: ignore[return-value]
+    return parts[0], parts[1], parts[2], parts[3]
 
 
 @main.command("occlude")
-@click.option("--model", "model_spec", default="simple_cnn", show_default=True,
-              help="simple_cnn, a torchvision name, or a checkpoint path.")
+@click.option(
+    "--model",
+    "model_spec",
+    default="simple_cnn",
+    show_default=True,
+    help="simple_cnn, a torchvision name, or a checkpoint path.",
+)
 @click.option("--image", default=None, help="Image path or URL (default: the bundled sample).")
-@click.option("--box", default="30,90,40,110", show_default=True,
-              help="top,bottom,left,right in input pixels (after preprocessing).")
-@click.option("--layers", "layers", default=None,
-              help="Comma-separated layer names (default: an early and a deep layer).")
-@click.option("--fill", type=click.Choice(["zero", "black", "mean", "blur"]), default="zero",
-              show_default=True, help="zero = 0 after normalisation (the dataset mean colour).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
-              show_default=True)
+@click.option(
+    "--box",
+    default="30,90,40,110",
+    show_default=True,
+    help="top,bottom,left,right in input pixels (after preprocessing).",
+)
+@click.option(
+    "--layers",
+    "layers",
+    default=None,
+    help="Comma-separated layer names (default: an early and a deep layer).",
+)
+@click.option(
+    "--fill",
+    type=click.Choice(["zero", "black", "mean", "blur"]),
+    default="zero",
+    show_default=True,
+    help="zero = 0 after normalisation (the dataset mean colour).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("out"),
+    show_default=True,
+)
 @_model_options
 @_device_option
 @_handle_errors
-def occlude_cmd(model_spec: str, image: str | None, box: str, layers: str | None, fill: str,
-                out: Path, arch: str | None, seed: int, device: str) -> None:
+def occlude_cmd(
+    model_spec: str,
+    image: str | None,
+    box: str,
+    layers: str | None,
+    fill: str,
+    out: Path,
+    arch: str | None,
+    seed: int,
+    device: str,
+) -> None:
     """The spatial experiment: black out a box and measure where each layer changes."""
     from convlens.analysis.occlusion import occlude
     from convlens.device import resolve_device
@@ -274,8 +371,16 @@ def occlude_cmd(model_spec: str, image: str | None, box: str, layers: str | None
     names = _layers_arg(layers) or default_layers(bundle)
     x, source = _load_input(bundle, image)
     mean, std = bundle.normalize
-    result = occlude(bundle.model, x, _parse_box(box), names, fill,  # type: ignore[arg-type]
-                     mean=mean, std=std, model_name=bundle.description)
+    result = occlude(
+        bundle.model,
+        x,
+        _parse_box(box),
+        names,
+        fill,  # type: ignore[arg-type]
+        mean=mean,
+        std=std,
+        model_name=bundle.description,
+    )
     click.echo(f"{'layer':<20} {'inside_fraction':>15} {'area_fraction':>13}")
     for name, ch in result.layers.items():
         inside = "n/a" if ch.inside_fraction != ch.inside_fraction else f"{ch.inside_fraction:.3f}"
@@ -283,10 +388,12 @@ def occlude_cmd(model_spec: str, image: str | None, box: str, layers: str | None
     data = result.to_dict()
     data["image"] = source
     data["versions"] = _versions(dev)
-    _wrote([
-        save_figure(occlusion(result), out / "occlusion.png"),
-        write_json(out / "occlusion.json", data),
-    ])
+    _wrote(
+        [
+            save_figure(occlusion(result), out / "occlusion.png"),
+            write_json(out / "occlusion.json", data),
+        ]
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

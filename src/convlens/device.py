@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 
 __all__ = ["DeviceLike", "resolve_device"]
 
-DeviceLike = Union[str, torch.device]
+DeviceLike = str | torch.device
 
 
 def _mps_available() -> bool:

@@ -13,7 +13,7 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ __all__ = [
     "sample_image_path",
 ]
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
+ImageSource = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
 
 #: Refuse images with more pixels than this (decompression bombs). PIL's own default.
 DEFAULT_MAX_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
@@ -116,8 +116,9 @@ def _array_to_tensor(arr: np.ndarray, name: str) -> torch.Tensor:
         a = a[:, :, None]
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
         raise ImageLoadError(
-            name, "expected an HxW or HxWxC array with C in (1, 3, 4); a CxHxW array needs "
-            "arr.transpose(1, 2, 0)"
+            name,
+            "expected an HxW or HxWxC array with C in (1, 3, 4); a CxHxW array needs "
+            "arr.transpose(1, 2, 0)",
         )
     if a.dtype == np.uint8:
         x = a.astype(np.float32) / 255.0
@@ -132,8 +133,9 @@ def _array_to_tensor(arr: np.ndarray, name: str) -> torch.Tensor:
         lo, hi = float(x.min(initial=0.0)), float(x.max(initial=0.0))
         if lo < 0.0 or hi > 1.0:
             raise ImageLoadError(
-                name, f"float values span [{lo:.3g}, {hi:.3g}], expected [0, 1] "
-                "(pass uint8 0..255, or undo the normalisation first)"
+                name,
+                f"float values span [{lo:.3g}, {hi:.3g}], expected [0, 1] "
+                "(pass uint8 0..255, or undo the normalisation first)",
             )
     else:
         raise ImageLoadError(name, f"unsupported dtype {a.dtype}: use uint8, uint16 or float")
@@ -197,9 +199,10 @@ def load_image(
         img = _open_pil(src, name, timeout)
         if max_pixels is not None and img.width * img.height > max_pixels:
             raise ImageLoadError(
-                name, f"{img.width}x{img.height} = {img.width * img.height:,} pixels is over "
+                name,
+                f"{img.width}x{img.height} = {img.width * img.height:,} pixels is over "
                 f"the limit of {max_pixels:,} (a decompression bomb?); pass max_pixels=None "
-                "to allow it"
+                "to allow it",
             )
         img.load()
         img = ImageOps.exif_transpose(img) or img

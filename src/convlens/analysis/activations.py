@@ -19,9 +19,7 @@ def _as_chw(act: torch.Tensor, what: str = "activation") -> torch.Tensor:
         raise TypeError(f"{what} must be a tensor, got {type(act).__name__}")
     if act.ndim == 4:
         if act.shape[0] != 1:
-            raise ValueError(
-                f"{what} has a batch of {act.shape[0]}: pick one image, e.g. act[0]"
-            )
+            raise ValueError(f"{what} has a batch of {act.shape[0]}: pick one image, e.g. act[0]")
         act = act[0]
     if act.ndim != 3:
         raise ValueError(

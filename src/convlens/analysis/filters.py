@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +127,7 @@ def test_images(size: int = 10) -> dict[str, torch.Tensor]:
 
 test_images.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
-Stack = Union[torch.Tensor, Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
+Stack = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
 
 def _stack(obj: Stack, what: str) -> tuple[list[str], torch.Tensor]:
@@ -229,8 +229,7 @@ class SelectivityTable:
         cols = [max(len(k), 7) for k in self.kernels]
         head = " " * w + "  ".join(k.rjust(c) for k, c in zip(self.kernels, cols))
         rows = [
-            im.ljust(w)
-            + "  ".join(f"{float(v):{c}.2f}" for v, c in zip(self.peak[i], cols))
+            im.ljust(w) + "  ".join(f"{float(v):{c}.2f}" for v, c in zip(self.peak[i], cols))
             for i, im in enumerate(self.images)
         ]
         return "\n".join([head, *rows])

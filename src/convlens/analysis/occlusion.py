@@ -114,7 +114,10 @@ def apply_fill(
     else:  # blur
         import torchvision.transforms.v2.functional as TF
 
-        k = 2 * math.ceil(3 * blur_sigma) + 1
+        if blur_sigma <= 0:
+            raise ValueError(f"blur_sigma must be positive, got {blur_sigma}")
+        # 3 sigma each side, but reflect padding needs the kernel to fit in the image
+        k = min(2 * math.ceil(3 * blur_sigma) + 1, 2 * min(xb.shape[-2:]) - 1)
         blurred = TF.gaussian_blur(xb, [k, k], [blur_sigma, blur_sigma])
         out[:, :, t:b, le:r] = blurred[:, :, t:b, le:r]
     return out if batched else out[0]
@@ -192,7 +195,12 @@ class OcclusionResult:
         """The numbers: box, fill, and per layer ``inside_fraction``, ``area_fraction``, ..."""
         return {
             "model": self.model_name,
-            "box": {"top": self.box[0], "bottom": self.box[1], "left": self.box[2], "right": self.box[3]},
+            "box": {
+                "top": self.box[0],
+                "bottom": self.box[1],
+                "left": self.box[2],
+                "right": self.box[3],
+            },
             "fill": self.fill,
             "input_shape": list(self.original.shape),
             "layers": {k: v.to_dict() for k, v in self.layers.items()},

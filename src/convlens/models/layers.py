@@ -230,7 +230,9 @@ def list_layers(
     """
     model = unwrap(model)
     if len(input_shape) < 2:
-        raise ValueError(f"input_shape needs a batch dimension, e.g. (1, 3, 224, 224), got {input_shape}")
+        raise ValueError(
+            f"input_shape needs a batch dimension, e.g. (1, 3, 224, 224), got {input_shape}"
+        )
     calls = trace_calls(model, input_shape)
     out = []
     for name, module in model.named_modules():

@@ -193,9 +193,16 @@ def _from_checkpoint(path: Path, arch: str | None, seed: int) -> ModelBundle:
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} "
             "(pass the right --arch)"
         )
-    pre = Preprocess(resize=160, crop=128) if arch == "simple_cnn" else _torchvision_preprocess(arch)[0]
+    pre = (
+        Preprocess(resize=160, crop=128)
+        if arch == "simple_cnn"
+        else _torchvision_preprocess(arch)[0]
+    )
     if "preprocess" in info and isinstance(info["preprocess"], dict):
-        pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["preprocess"].items()})
+        fields: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in info["preprocess"].items()
+        }
+        pre = Preprocess(**fields)
     classes = info.get("classes")
     return ModelBundle(
         model=model,
@@ -252,7 +259,6 @@ def as_batch(bundle: ModelBundle, images: Sequence[torch.Tensor]) -> torch.Tenso
     return torch.stack([bundle.preprocess(im) for im in images])
 
 
-
 _DEFAULT_LAYERS: list[tuple[tuple[str, ...], list[str]]] = [
     (("conv1", "bn1", "bn3", "fc"), ["bn1", "bn3"]),  # simple_cnn
     (("layer1", "layer4"), ["layer1", "layer4"]),  # resnet family
@@ -276,4 +282,6 @@ def default_layers(bundle: ModelBundle | nn.Module) -> list[str]:
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if len(convs) >= 2:
         return [convs[0], convs[-1]]
-    raise ValueError("no default layers for this model: pass --layers (see `convlens layers MODEL`)")
+    raise ValueError(
+        "no default layers for this model: pass --layers (see `convlens layers MODEL`)"
+    )

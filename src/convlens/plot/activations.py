@@ -83,7 +83,9 @@ def feature_maps(
         else:
             ax.set_axis_off()
     shown = f"{n} of {a.shape[0]}" if n < a.shape[0] else f"all {n}"
-    fig.suptitle(f"{title + ': ' if title else ''}{shown} feature maps, each scaled to its own range")
+    fig.suptitle(
+        f"{title + ': ' if title else ''}{shown} feature maps, each scaled to its own range"
+    )
     fig.tight_layout()
     return fig
 

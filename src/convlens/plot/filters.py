@@ -7,7 +7,13 @@ from collections.abc import Mapping
 import torch
 from matplotlib.figure import Figure
 
-from convlens.analysis.filters import COURSE_IMAGES, COURSE_KERNELS, KERNELS, filter_responses, test_images
+from convlens.analysis.filters import (
+    COURSE_IMAGES,
+    COURSE_KERNELS,
+    KERNELS,
+    filter_responses,
+    test_images,
+)
 from convlens.plot._base import hide_ticks, new_figure
 
 __all__ = ["filter_grid", "kernels"]

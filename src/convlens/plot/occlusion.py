@@ -48,7 +48,9 @@ def occlusion(result: OcclusionResult, layers: Sequence[str] | None = None) -> F
         _outline(ax, ch.box, color="cyan")
         inside = "n/a" if ch.inside_fraction != ch.inside_fraction else f"{ch.inside_fraction:.0%}"
         h, w = ch.diff.shape
-        ax.set_title(f"{name} |change| ({h}x{w})\ninside box {inside} (area {ch.area_fraction:.0%})")
+        ax.set_title(
+            f"{name} |change| ({h}x{w})\ninside box {inside} (area {ch.area_fraction:.0%})"
+        )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     for ax in axes:
         hide_ticks(ax)
