@@ -81,7 +81,10 @@ def capture(
     restored and all hooks removed afterwards, also when the forward raises.
 
     ``stop_early`` ends the forward right after the last call of the deepest requested
-    layer, so nothing after it is computed. ``x`` is ``[N, C, H, W]`` (or ``[C, H, W]``,
+    layer, so nothing after it is computed. To know how often each requested module runs,
+    the model's forward is traced once on PyTorch's ``meta`` device (shapes only, no
+    arithmetic; a real forward for models the meta device cannot run) and the counts are
+    cached per model and input shape. ``x`` is ``[N, C, H, W]`` (or ``[C, H, W]``,
     made a batch of one) in the model's input space (normalised). ``device``: ``None``
     runs where the model is; otherwise the model is moved there (``model.to``, in place).
     DataParallel / DistributedDataParallel wrappers are unwrapped.

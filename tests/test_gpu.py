@@ -1,0 +1,58 @@
+"""CUDA paths: results on the GPU match the CPU. Skipped without a CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import convlens
+from convlens.analysis.filters import filter_responses, test_images
+from convlens.cli import main
+from convlens.device import resolve_device
+
+pytestmark = pytest.mark.gpu
+
+
+def test_auto_picks_cuda():
+    assert resolve_device("auto").type == "cuda"
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+
+
+def test_filters_on_cuda_match_cpu():
+    imgs = test_images()
+    torch.testing.assert_close(filter_responses(imgs, device="cuda"), filter_responses(imgs))
+
+
+def test_occlude_and_list_layers_on_cuda_match_cpu():
+    bundle = convlens.load_model("resnet18", device="cuda")
+    assert next(bundle.model.parameters()).is_cuda
+    x = bundle.preprocess(convlens.sample_image())
+    layers = ["bn1", "layer2", "layer4"]
+    gpu = convlens.occlude(bundle.model, x, (30, 90, 40, 110), layers)
+    cpu_model = convlens.load_model("resnet18", device="cpu").model
+    cpu = convlens.occlude(cpu_model, x, (30, 90, 40, 110), layers)
+    for k in layers:
+        assert gpu.inside_fraction[k] == pytest.approx(cpu.inside_fraction[k], abs=1e-3)
+        torch.testing.assert_close(gpu.layers[k].diff, cpu.layers[k].diff, atol=1e-3, rtol=1e-2)
+    infos = {i.name: i for i in convlens.list_layers(bundle.model)}
+    assert infos["layer4"].output_shape == (1, 512, 7, 7)
+
+
+def test_cli_runs_on_cuda(tmp_path):
+    r = CliRunner().invoke(
+        main,
+        [
+            "occlude",
+            "--model",
+            "resnet18",
+            "--layers",
+            "bn1,layer4",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert '"device": "cuda"' in (tmp_path / "occlusion.json").read_text()
