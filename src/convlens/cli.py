@@ -94,7 +94,37 @@ def _model_options(fn: F) -> F:
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """Turns click's own usage errors into the same one-line message, exit status 2."""
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            click.echo(f"convlens: error: {e.format_message()}{where}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("convlens: aborted", err=True)
+            sys.exit(130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, prog_name="convlens")
 def main() -> None:
     """Look inside convolutional networks: filters, activations, spatial information."""
@@ -103,7 +133,10 @@ def main() -> None:
 @main.command("layers")
 @click.argument("model")
 @click.option(
-    "--input-size", type=int, default=None, help="Input side in pixels (default: the model's)."
+    "--input-size",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Input side in pixels (default: the model's).",
 )
 @click.option(
     "--out",
@@ -127,7 +160,7 @@ def layers_cmd(
 
     dev = resolve_device(device)
     bundle = load_model(model, arch=arch, seed=seed, device=dev)
-    size = input_size or bundle.input_size
+    size = input_size if input_size is not None else bundle.input_size
     infos = list_layers(bundle.model, (1, 3, size, size))
     w = max([len(i.name) for i in infos] + [5])
     tw = max([len(i.type) for i in infos] + [4])
@@ -221,7 +254,11 @@ def _safe_name(layer: str) -> str:
     help="Apply ReLU before averaging (as the course does for BatchNorm outputs).",
 )
 @click.option(
-    "--max-maps", type=int, default=64, show_default=True, help="Feature maps shown per layer."
+    "--max-maps",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Feature maps shown per layer.",
 )
 @click.option(
     "--out",
@@ -257,7 +294,12 @@ def activations_cmd(
     names = _layers_arg(layers) or default_layers(bundle)
     x, source = _load_input(bundle, image)
     acts = capture(bundle.model, x, names)
-    written = [save_figure(mean_maps(acts, relu=relu), out / "mean_maps.png")]
+    spatial = {k: v for k, v in acts.items() if v.ndim == 4}
+    if not spatial:
+        raise BadInput(
+            "none of --layers outputs a feature map [C, H, W]; `convlens layers MODEL` shows shapes"
+        )
+    written = [save_figure(mean_maps(spatial, relu=relu), out / "mean_maps.png")]
     summary: dict[str, Any] = {}
     for name, act in acts.items():
         if act.ndim != 4:

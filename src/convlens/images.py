@@ -130,7 +130,7 @@ def _array_to_tensor(arr: np.ndarray, name: str) -> torch.Tensor:
         x = a.astype(np.float32)
         if not np.isfinite(x).all():
             raise ImageLoadError(name, "array holds NaN or infinite values")
-        lo, hi = float(x.min(initial=0.0)), float(x.max(initial=0.0))
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
         if lo < 0.0 or hi > 1.0:
             raise ImageLoadError(
                 name,

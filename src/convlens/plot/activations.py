@@ -69,6 +69,8 @@ def feature_maps(
     Example:
         >>> fig = convlens.plot.feature_maps(acts["conv1"], title="conv1")
     """
+    if max_maps < 1:
+        raise ValueError(f"max_maps must be at least 1, got {max_maps}")
     a = _one(act, title or "activation")
     maps = normalize_maps(a)[:max_maps]
     n = maps.shape[0]

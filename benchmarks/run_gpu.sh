@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One prepared pass on a CUDA machine: the whole test suite (gpu tests included) and the
+# benchmarks on cuda and cpu. Logs go to $OUT (or benchmarks/results).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/gpu.txt"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -rs 2>&1 | tee "$out/pytest.log" | tail -15
+timeout 120 python3 benchmarks/capture.py --device cuda --rounds 50 --out "$out" 2>&1 | tee "$out/bench-capture-cuda.log"
+timeout 120 python3 benchmarks/capture.py --device cpu --rounds 10 --out "$out" 2>&1 | tee "$out/bench-capture-cpu.log"
