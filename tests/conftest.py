@@ -29,6 +29,16 @@ def _no_rng_leak():
 
 
 @pytest.fixture
+def exact_cuda():
+    """Full float32 on the GPU (no TF32 convolutions/matmuls), so CUDA results can be
+    compared with the CPU's at float32 round-off."""
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
+
+
+@pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")

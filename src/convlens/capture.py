@@ -42,9 +42,13 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _expected_calls(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, int]:
-    """How many times each named module runs for an input like ``x`` (cached per model)."""
-    key = (tuple(x.shape), x.dtype, tuple(names), len(list(model.modules())))
+def _expected_calls(
+    model: nn.Module, x: torch.Tensor, refs: dict[str, nn.Module]
+) -> dict[str, int]:
+    """How many times each named module runs for an input like ``x`` (cached per model,
+    input shape and the identity of the requested modules)."""
+    names = list(refs)
+    key = (tuple(x.shape), x.dtype, tuple(names), tuple(id(m) for m in refs.values()))
     per_model = _CALLS_CACHE.setdefault(model, {})
     if key not in per_model:
         if len(per_model) > 64:
@@ -55,8 +59,10 @@ def _expected_calls(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict
 
 
 def _store(ref_name: str, out: Any) -> torch.Tensor:
+    # A copy on the output's own device (fast, asynchronous on a GPU); moved to the CPU
+    # once the forward is over, so the GPU is not stalled at every hooked layer.
     if isinstance(out, torch.Tensor):
-        return out.detach().to("cpu", copy=True)
+        return out.detach().clone()
     raise TypeError(
         f"layer {ref_name!r} returns {type(out).__name__}, not a tensor: capture one of its "
         "submodules instead (`convlens layers MODEL` lists them)"
@@ -114,7 +120,7 @@ def capture(
     # Calls needed from each module before the forward may stop (None: run to the end).
     needed: dict[str, int] | None = None
     if stop_early:
-        expected = _expected_calls(model, x, names)
+        expected = _expected_calls(model, x, {n: by_name[n][0].module for n in names})
         needed = {}
         for n in names:
             calls = [r.call for r in by_name[n]]
@@ -147,7 +153,7 @@ def capture(
 
     result: dict[str, torch.Tensor] = {}
     for r in refs:
-        got = outputs[r.name]
+        got = [t.cpu() for t in outputs[r.name]]
         if not got:
             raise ValueError(
                 f"layer {r.name!r} is part of the model but did not run during its forward "

@@ -95,14 +95,17 @@ def find_layers(model: nn.Module, layers: str | Iterable[str]) -> list[LayerRef]
     model = unwrap(model)
     if isinstance(layers, str):
         layers = [s for s in layers.split(",") if s.strip()]
-    modules = dict(model.named_modules())
-    modules.pop("", None)
     refs: list[LayerRef] = []
     for spec in layers:
         name, call = parse_layer(spec)
-        if name not in modules:
-            raise LayerNotFoundError(name, _suggest(name, list(modules)))
-        refs.append(LayerRef(name, modules[name], call))
+        try:
+            if not name:
+                raise AttributeError(name)
+            module = model.get_submodule(name)
+        except AttributeError:
+            names = [n for n, _ in model.named_modules() if n]
+            raise LayerNotFoundError(name, _suggest(name, names)) from None
+        refs.append(LayerRef(name, module, call))
     if not refs:
         raise ValueError("no layer names given")
     return refs
@@ -116,13 +119,17 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         >>> with evaluating(model):
         ...     y = model(x)
     """
-    flags = [(m, m.training) for m in model.modules()]
+    was_training = [m for m in model.modules() if m.training]
     try:
-        model.eval()
+        if was_training:  # an eval-mode model (the usual case) is left alone: no cost
+            model.eval()
         yield model
     finally:
-        for m, was_training in flags:
-            m.training = was_training
+        for m in model.modules():
+            if m.training:  # something switched it back on inside the block
+                m.training = False
+        for m in was_training:
+            m.training = True
 
 
 def _shape_of(out: Any) -> tuple[int, ...] | None:
