@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "to_jsonable", "write_json"]
+__all__ = ["atomic_open", "to_jsonable", "versions", "write_json"]
 
 
 @contextlib.contextmanager
@@ -56,3 +56,20 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     with atomic_open(path, "w") as fh:
         fh.write(data)
     return Path(path)
+
+
+def versions() -> dict[str, str]:
+    """Versions of convlens, torch, torchvision and Python, for every saved result."""
+    import platform
+
+    import torch
+    import torchvision
+
+    from convlens import __version__
+
+    return {
+        "convlens": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }

@@ -7,7 +7,6 @@ and exits with status 2 and a one-line reason on bad input.
 from __future__ import annotations
 
 import functools
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ import click
 import torch
 
 from convlens import __version__
-from convlens._io import write_json
+from convlens._io import versions, write_json
 from convlens.errors import ConvlensError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,15 +50,7 @@ def _handle_errors(fn: F) -> F:
 
 
 def _versions(device: torch.device) -> dict[str, Any]:
-    import torchvision
-
-    return {
-        "convlens": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-    }
+    return {**versions(), "device": str(device)}
 
 
 def _wrote(paths: list[Path]) -> None:

@@ -68,6 +68,7 @@ def test_no_change_gives_nan_and_null_in_json(tmp_path):
     data = json.loads(r.save(tmp_path).read_text())
     assert data["layers"]["0"]["inside_fraction"] is None
     assert data["layers"]["0"]["area_fraction"] == 0.25
+    assert data["versions"]["torch"] == torch.__version__
 
 
 def test_box_at_resolution():

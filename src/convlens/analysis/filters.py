@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from convlens._io import write_json
+from convlens._io import versions, write_json
 from convlens.device import DeviceLike, resolve_device
 
 __all__ = [
@@ -218,6 +218,7 @@ class SelectivityTable:
             },
             "best_kernel": {im: self.best_kernel(im) for im in self.images},
             "ignore_border": self.ignore_border,
+            "versions": versions(),
         }
 
     def save(self, out_dir: str | Path) -> Path:

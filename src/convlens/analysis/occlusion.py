@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from convlens._io import write_json
+from convlens._io import versions, write_json
 from convlens.capture import capture
 from convlens.device import DeviceLike
 
@@ -205,6 +205,7 @@ class OcclusionResult:
             "input_shape": list(self.original.shape),
             "layers": {k: v.to_dict() for k, v in self.layers.items()},
             "settings": self.settings,
+            "versions": versions(),
         }
 
     def save(self, out_dir: str | Path) -> Path:

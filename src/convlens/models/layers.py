@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from convlens.device import DeviceLike, resolve_device
 from convlens.errors import LayerNotFoundError
 
 __all__ = [
@@ -224,12 +225,16 @@ class LayerInfo:
 def list_layers(
     model: nn.Module,
     input_shape: Sequence[int] = (1, 3, 224, 224),
+    *,
+    device: DeviceLike | None = None,
 ) -> list[LayerInfo]:
     """Every addressable module of ``model`` in registration order, with its output shape
     for an input of ``input_shape`` and how many times it runs per forward.
 
     A module that runs ``n > 1`` times is captured as ``name#0 .. name#{n-1}``; one that
-    never runs has ``calls == 0`` and no shape.
+    never runs has ``calls == 0`` and no shape. Shapes come from the meta device (no
+    arithmetic); only a model the meta device cannot run does a real forward, where the
+    model is (``device=None``) or on ``device`` (the model is moved there, in place).
 
     Example:
         >>> [(l.name, l.output_shape, l.calls) for l in list_layers(SimpleCNN())][-3:]
@@ -240,6 +245,8 @@ def list_layers(
         raise ValueError(
             f"input_shape needs a batch dimension, e.g. (1, 3, 224, 224), got {input_shape}"
         )
+    if device is not None:
+        model.to(resolve_device(device))
     calls = trace_calls(model, input_shape)
     out = []
     for name, module in model.named_modules():
