@@ -6,7 +6,13 @@ read a traceback from deep inside torch.
 
 from __future__ import annotations
 
-__all__ = ["ConvlensError", "ImageLoadError", "LayerNotFoundError", "ModelLoadError"]
+__all__ = [
+    "ConvlensError",
+    "DatasetError",
+    "ImageLoadError",
+    "LayerNotFoundError",
+    "ModelLoadError",
+]
 
 
 class ConvlensError(Exception):
@@ -55,4 +61,12 @@ class ModelLoadError(ConvlensError, ValueError):
 
     Example:
         >>> load_model("resnet81")  # ModelLoadError: unknown model 'resnet81'; closest: 'resnet18', ...
+    """
+
+
+class DatasetError(ConvlensError, ValueError):
+    """A dataset could not be downloaded, verified, extracted or read.
+
+    Example:
+        >>> imagenette("broken.tgz")  # DatasetError: 'broken.tgz' is truncated ...
     """
