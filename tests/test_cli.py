@@ -222,7 +222,7 @@ def test_occlude_resnet18_on_cpu(tmp_path: Path) -> None:
     # speed is measured in benchmarks/, not asserted here
     out = tmp_path / "occ"
     result = run(
-        "occlude", "--model", "resnet18", "--box", "30,90,40,110",
+        "occlude", "--model", "resnet18", "--weights", "none", "--box", "30,90,40,110",
         "--layers", "bn1,layer4", "--device", "cpu", "--out", str(out),
     )  # fmt: skip
     assert_ok(result)

@@ -26,12 +26,12 @@ def test_filters_on_cuda_match_cpu():
 
 
 def test_occlude_and_list_layers_on_cuda_match_cpu():
-    bundle = convlens.load_model("resnet18", device="cuda")
+    bundle = convlens.load_model("resnet18", weights=None, device="cuda")
     assert next(bundle.model.parameters()).is_cuda
     x = bundle.preprocess(convlens.sample_image())
     layers = ["bn1", "layer2", "layer4"]
     gpu = convlens.occlude(bundle.model, x, (30, 90, 40, 110), layers)
-    cpu_model = convlens.load_model("resnet18", device="cpu").model
+    cpu_model = convlens.load_model("resnet18", weights=None, device="cpu").model
     cpu = convlens.occlude(cpu_model, x, (30, 90, 40, 110), layers)
     for k in layers:
         assert gpu.inside_fraction[k] == pytest.approx(cpu.inside_fraction[k], abs=1e-4)
@@ -47,6 +47,8 @@ def test_cli_runs_on_cuda(tmp_path):
             "occlude",
             "--model",
             "resnet18",
+            "--weights",
+            "none",
             "--layers",
             "bn1,layer4",
             "--device",

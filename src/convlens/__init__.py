@@ -6,7 +6,7 @@ matplotlib figures (``import convlens`` itself never imports matplotlib).
 Example:
     >>> import convlens, torchvision
     >>> model = torchvision.models.resnet18()
-    >>> x = convlens.load_model("resnet18").preprocess(convlens.sample_image())
+    >>> x = convlens.load_model("resnet18", weights=None).preprocess(convlens.sample_image())
     >>> acts = convlens.capture(model, x, ["bn1", "layer4"])
     >>> r = convlens.occlude(model, x, box=(30, 90, 40, 110), layers=["bn1", "layer4"])
 """
@@ -15,10 +15,11 @@ from convlens.analysis.activations import channel_stats, mean_map, normalize_map
 from convlens.analysis.filters import filter_responses, selectivity
 from convlens.analysis.occlusion import OcclusionResult, occlude
 from convlens.capture import capture
+from convlens.classify import Prediction, classify
 from convlens.device import resolve_device
 from convlens.errors import ConvlensError, ImageLoadError, LayerNotFoundError, ModelLoadError
 from convlens.images import load_image, sample_image
-from convlens.models import ModelBundle, SimpleCNN, list_layers, load_model
+from convlens.models import ModelBundle, SimpleCNN, list_layers, list_models, load_model
 
 __version__ = "0.1.0"
 
@@ -29,12 +30,15 @@ __all__ = [
     "ModelBundle",
     "ModelLoadError",
     "OcclusionResult",
+    "Prediction",
     "SimpleCNN",
     "__version__",
     "capture",
     "channel_stats",
+    "classify",
     "filter_responses",
     "list_layers",
+    "list_models",
     "load_image",
     "load_model",
     "mean_map",

@@ -37,7 +37,9 @@ def _handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            _show_notes()
+            return result
         except (ConvlensError, ValueError, TypeError, KeyError, FileNotFoundError) as e:
             msg = (
                 str(e)
@@ -47,6 +49,21 @@ def _handle_errors(fn: F) -> F:
             raise BadInput(msg.splitlines()[0] if msg else type(e).__name__) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _note(message: str) -> None:
+    """A note for stderr, shown once the command has succeeded (an error stays one line)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        click.echo(f"convlens: note: {message}", err=True)
+    else:
+        ctx.meta.setdefault("convlens.notes", []).append(message)
+
+
+def _show_notes() -> None:
+    ctx = click.get_current_context(silent=True)
+    for message in ctx.meta.pop("convlens.notes", []) if ctx is not None else []:
+        click.echo(f"convlens: note: {message}", err=True)
 
 
 def _versions(device: torch.device) -> dict[str, Any]:
@@ -82,7 +99,31 @@ def _model_options(fn: F) -> F:
         "--seed", type=int, default=0, show_default=True, help="Seed of a random init."
     )(fn)
     fn = click.option("--arch", default=None, help="Architecture of a .pt/.pth state dict.")(fn)
+    fn = click.option(
+        "--weights",
+        default="auto",
+        show_default=True,
+        help="auto: pretrained when the weights are on disk (efficientnet_lite0 always), "
+        "else random init, said in every output; default: pretrained, downloaded if "
+        "needed; none: random init; or a named set (IMAGENET1K_V2, a timm tag).",
+    )(fn)
     return fn
+
+
+MODEL_HELP = (
+    "simple_cnn, efficientnet_lite0 (pretrained, offline), a torchvision name (resnet18, "
+    "googlenet, ...), timm:<name>, or a checkpoint path."
+)
+
+
+def _load_bundle(spec: str, weights: str, arch: str | None, seed: int, device: Any) -> Any:
+    """load_model for a command; a fallback to random init is noted on stderr at the end."""
+    from convlens.models import load_model
+
+    bundle = load_model(spec, weights=weights, arch=arch, seed=seed, device=device)
+    if bundle.info.get("note"):
+        _note(bundle.info["note"])
+    return bundle
 
 
 class _Group(click.Group):
@@ -140,17 +181,24 @@ def main() -> None:
 @_device_option
 @_handle_errors
 def layers_cmd(
-    model: str, input_size: int | None, out: Path | None, arch: str | None, seed: int, device: str
+    model: str,
+    input_size: int | None,
+    out: Path | None,
+    weights: str,
+    arch: str | None,
+    seed: int,
+    device: str,
 ) -> None:
     """List every addressable layer of MODEL with its output shape and calls per forward.
 
-    MODEL is simple_cnn, a torchvision name (resnet18, googlenet, ...) or a checkpoint path.
+    MODEL is simple_cnn, efficientnet_lite0, a torchvision name (resnet18, googlenet, ...),
+    timm:<name>, or a checkpoint path.
     """
     from convlens.device import resolve_device
-    from convlens.models import list_layers, load_model
+    from convlens.models import list_layers
 
     dev = resolve_device(device)
-    bundle = load_model(model, arch=arch, seed=seed, device=dev)
+    bundle = _load_bundle(model, weights, arch, seed, dev)
     size = input_size if input_size is not None else bundle.input_size
     infos = list_layers(bundle.model, (1, 3, size, size))
     w = max([len(i.name) for i in infos] + [5])
@@ -229,7 +277,7 @@ def _safe_name(layer: str) -> str:
     "model_spec",
     default="simple_cnn",
     show_default=True,
-    help="simple_cnn, a torchvision name, or a checkpoint path.",
+    help=MODEL_HELP,
 )
 @click.option("--image", default=None, help="Image path or URL (default: the bundled sample).")
 @click.option(
@@ -267,6 +315,7 @@ def activations_cmd(
     relu: bool,
     max_maps: int,
     out: Path,
+    weights: str,
     arch: str | None,
     seed: int,
     device: str,
@@ -275,13 +324,12 @@ def activations_cmd(
     from convlens.analysis.activations import channel_stats
     from convlens.capture import capture
     from convlens.device import resolve_device
-    from convlens.models import load_model
     from convlens.models.zoo import default_layers
     from convlens.plot import channel_stats as plot_stats
     from convlens.plot import feature_maps, mean_maps, save_figure
 
     dev = resolve_device(device)
-    bundle = load_model(model_spec, arch=arch, seed=seed, device=dev)
+    bundle = _load_bundle(model_spec, weights, arch, seed, dev)
     names = _layers_arg(layers) or default_layers(bundle)
     x, source = _load_input(bundle, image)
     acts = capture(bundle.model, x, names)
@@ -350,7 +398,7 @@ def _parse_box(value: str) -> tuple[int, int, int, int]:
     "model_spec",
     default="simple_cnn",
     show_default=True,
-    help="simple_cnn, a torchvision name, or a checkpoint path.",
+    help=MODEL_HELP,
 )
 @click.option("--image", default=None, help="Image path or URL (default: the bundled sample).")
 @click.option(
@@ -388,6 +436,7 @@ def occlude_cmd(
     layers: str | None,
     fill: str,
     out: Path,
+    weights: str,
     arch: str | None,
     seed: int,
     device: str,
@@ -395,12 +444,11 @@ def occlude_cmd(
     """The spatial experiment: black out a box and measure where each layer changes."""
     from convlens.analysis.occlusion import occlude
     from convlens.device import resolve_device
-    from convlens.models import load_model
     from convlens.models.zoo import default_layers
     from convlens.plot import occlusion, save_figure
 
     dev = resolve_device(device)
-    bundle = load_model(model_spec, arch=arch, seed=seed, device=dev)
+    bundle = _load_bundle(model_spec, weights, arch, seed, dev)
     names = _layers_arg(layers) or default_layers(bundle)
     x, source = _load_input(bundle, image)
     mean, std = bundle.normalize
@@ -427,6 +475,138 @@ def occlude_cmd(
             write_json(out / "occlusion.json", data),
         ]
     )
+
+
+@main.command("classify")
+@click.option(
+    "--model", "model_spec", default="efficientnet_lite0", show_default=True, help=MODEL_HELP
+)
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    help="Image path or URL; more may follow it (--image a.jpg b.jpg). "
+    "Default: the bundled sample photo.",
+)
+@click.argument("more_images", nargs=-1, metavar="[IMG]...")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--weights",
+    default="default",
+    show_default=True,
+    help="default: pretrained, downloaded if needed; none: random init (meaningless "
+    "predictions, said in every output); or a named set (IMAGENET1K_V2, a timm tag).",
+)
+@click.option("--arch", default=None, help="Architecture of a .pt/.pth state dict.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a random init.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("out"),
+    show_default=True,
+    help="Folder for classify.json.",
+)
+@_device_option
+@_handle_errors
+def classify_cmd(
+    model_spec: str,
+    images: tuple[str, ...],
+    more_images: tuple[str, ...],
+    top: int,
+    weights: str,
+    arch: str | None,
+    seed: int,
+    batch_size: int,
+    out: Path,
+    device: str,
+) -> None:
+    """Top-k classes with readable labels for one or more images: a table and classify.json."""
+    import warnings
+
+    from convlens.classify import classify
+    from convlens.device import resolve_device
+    from convlens.images import sample_image, sample_image_path
+
+    dev = resolve_device(device)
+    bundle = _load_bundle(model_spec, weights, arch, seed, dev)
+    sources = [*images, *more_images]
+    if sources:
+        inputs: list[Any] = list(sources)
+        names = list(sources)
+    else:
+        inputs, names = [sample_image()], [sample_image_path().name]
+    if not bundle.pretrained:
+        _note(f"{bundle.description}: its predictions mean nothing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the note above says it once
+        results = classify(
+            bundle, inputs, k=top, batch_size=batch_size, progress=len(inputs) > batch_size
+        )
+    click.echo(bundle.description)
+    for name, preds in zip(names, results):
+        click.echo(f"\n{name}")
+        click.echo(f"{'rank':>4}  {'probability':>11}  {'index':>5}  label")
+        for rank, p in enumerate(preds, 1):
+            click.echo(f"{rank:>4}  {p.probability:>11.2%}  {p.index:>5}  {p.label}")
+    path = write_json(
+        out / "classify.json",
+        {
+            "model": bundle.description,
+            "pretrained": bundle.pretrained,
+            "weights": bundle.weights,
+            "top": top,
+            "images": [
+                {"image": name, "predictions": [p.to_dict() for p in preds]}
+                for name, preds in zip(names, results)
+            ],
+            "versions": _versions(dev),
+        },
+    )
+    click.echo("")
+    _wrote([path])
+
+
+@main.command("models")
+@click.argument("pattern", required=False)
+@click.option(
+    "--timm", "with_timm", is_flag=True, help="Also list timm's 1,000-odd pretrained models."
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write models.json into this folder.",
+)
+@_handle_errors
+def models_cmd(pattern: str | None, with_timm: bool, out: Path | None) -> None:
+    """List the models MODEL options accept, and whether their weights are on disk.
+
+    PATTERN filters names with shell wildcards ('resnet*', 'timm:convnext*').
+    """
+    from convlens.models import list_models
+
+    entries = list_models(pattern, timm=with_timm)
+    if not entries:
+        raise BadInput(f"no model matches {pattern!r} (try --timm, or a wider pattern)")
+    w = max(len(m.name) for m in entries)
+    ww = max([len(m.weights or "-") for m in entries] + [7])
+    click.echo(f"{'model'.ljust(w)}  {'source'.ljust(11)}  {'weights'.ljust(ww)}  on disk")
+    for m in entries:
+        source = "pip package" if m.source not in ("convlens", "torchvision", "timm") else m.source
+        click.echo(
+            f"{m.name.ljust(w)}  {source.ljust(11)}  {(m.weights or '-').ljust(ww)}  "
+            f"{'yes' if m.on_disk else 'no' if m.weights else '-'}"
+        )
+    if out is not None:
+        _wrote(
+            [
+                write_json(
+                    out / "models.json",
+                    {"models": [m.to_dict() for m in entries], "versions": versions()},
+                )
+            ]
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,15 +14,15 @@ def _same_weights(a, b) -> bool:
 
 def test_seeded_random_init_is_reproducible_and_leaves_global_rng():
     state = torch.random.get_rng_state()
-    a = load_model("resnet18", seed=1).model
+    a = load_model("resnet18", weights=None, seed=1).model
     assert torch.equal(state, torch.random.get_rng_state())
-    b = load_model("resnet18", seed=1).model
-    c = load_model("resnet18", seed=2).model
+    b = load_model("resnet18", weights=None, seed=1).model
+    c = load_model("resnet18", weights=None, seed=2).model
     assert _same_weights(a, b) and not _same_weights(a, c)
 
 
 def test_bundle_fields_for_torchvision_and_simple_cnn():
-    b = load_model("resnet18")
+    b = load_model("resnet18", weights=None)
     assert not b.model.training and b.input_size == 224 and not b.pretrained
     assert b.labels is not None and len(b.labels) == 1000
     assert "random init" in b.description
@@ -90,8 +90,8 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
 
 
 def test_default_layers():
-    assert default_layers(load_model("resnet18")) == ["layer1", "layer4"]
+    assert default_layers(load_model("resnet18", weights=None)) == ["layer1", "layer4"]
     assert default_layers(load_model("simple_cnn")) == ["bn1", "bn3"]
-    assert default_layers(load_model("googlenet")) == ["inception3a", "inception4e"]
-    vgg = load_model("vgg11").model
+    assert default_layers(load_model("googlenet", weights=None)) == ["inception3a", "inception4e"]
+    vgg = load_model("vgg11", weights=None).model
     assert default_layers(vgg) == ["features.0", "features.18"]

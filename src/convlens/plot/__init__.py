@@ -6,6 +6,7 @@ in Jupyter it displays as the cell's value; elsewhere ``save_figure(fig, "x.png"
 
 from convlens.plot._base import save_figure
 from convlens.plot.activations import channel_stats, feature_maps, mean_maps
+from convlens.plot.depth import depth_comparison
 from convlens.plot.filters import filter_grid, kernels
 from convlens.plot.images import channels
 from convlens.plot.occlusion import occlusion
@@ -13,6 +14,7 @@ from convlens.plot.occlusion import occlusion
 __all__ = [
     "channel_stats",
     "channels",
+    "depth_comparison",
     "feature_maps",
     "filter_grid",
     "kernels",

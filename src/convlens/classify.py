@@ -1,0 +1,210 @@
+"""Top-k classification with readable labels, batched over many images.
+
+``classify(bundle, image, k=5)`` loads and preprocesses each image the way the bundle's
+model expects, runs the model in eval mode under ``no_grad`` in batches, and returns
+:class:`Prediction` ``(label, index, probability)`` lists, most probable first.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, overload
+
+import torch
+from torch import nn
+
+from convlens.device import DeviceLike, resolve_device
+from convlens.images import ImageSource, load_image
+from convlens.models.layers import evaluating, unwrap
+from convlens.models.zoo import ModelBundle
+
+__all__ = ["Prediction", "classify"]
+
+ImageLike = ImageSource | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One of the top-k classes for one image: readable ``label``, class ``index`` and
+    softmax ``probability``.
+
+    Example:
+        >>> Prediction("military uniform", 652, 0.19).to_dict()
+        {'label': 'military uniform', 'index': 652, 'probability': 0.19}
+    """
+
+    label: str
+    index: int
+    probability: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"label", "index", "probability"}`` for JSON."""
+        return {"label": self.label, "index": self.index, "probability": self.probability}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in [*model.parameters(), *model.buffers()]:
+        return t.device
+    return torch.device("cpu")
+
+
+def _to_input(bundle: ModelBundle, img: ImageLike, preprocessed: bool, where: str) -> torch.Tensor:
+    if isinstance(img, torch.Tensor):
+        if img.ndim != 3 or img.shape[0] != 3:
+            raise ValueError(
+                f"{where}: expected an RGB image tensor [3, H, W], got {list(img.shape)}"
+            )
+        if preprocessed:
+            return img.float()
+        lo, hi = float(img.min()), float(img.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(
+                f"{where}: values in [{lo:.2f}, {hi:.2f}], not pixels in [0, 1]; if it is "
+                "already the model's input (bundle.preprocess(...)), pass preprocessed=True"
+            )
+        return bundle.preprocess(img)
+    if preprocessed:
+        raise ValueError(f"{where}: preprocessed=True needs tensors, got {type(img).__name__}")
+    return bundle.preprocess(load_image(img))
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
+    for start in range(0, len(items), size):
+        yield start, items[start : start + size]
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)  # e.g. GoogLeNet's output tuple in train mode
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(
+        f"the model returned {type(out).__name__}, not class scores [N, classes]: classify "
+        "needs a classifier"
+    )
+
+
+@overload
+def classify(
+    bundle: ModelBundle,
+    image: ImageSource,
+    k: int = 5,
+    *,
+    batch_size: int = 32,
+    device: DeviceLike | None = None,
+    preprocessed: bool = False,
+    progress: bool = False,
+) -> list[Prediction]: ...
+
+
+@overload
+def classify(
+    bundle: ModelBundle,
+    image: list[ImageLike] | tuple[ImageLike, ...],
+    k: int = 5,
+    *,
+    batch_size: int = 32,
+    device: DeviceLike | None = None,
+    preprocessed: bool = False,
+    progress: bool = False,
+) -> list[list[Prediction]]: ...
+
+
+@overload
+def classify(  # [3, H, W]: one image; [N, 3, H, W]: a batch
+    bundle: ModelBundle,
+    image: torch.Tensor,
+    k: int = 5,
+    *,
+    batch_size: int = 32,
+    device: DeviceLike | None = None,
+    preprocessed: bool = False,
+    progress: bool = False,
+) -> list[Prediction] | list[list[Prediction]]: ...
+
+
+def classify(
+    bundle: ModelBundle,
+    image: ImageLike | list[ImageLike] | tuple[ImageLike, ...],
+    k: int = 5,
+    *,
+    batch_size: int = 32,
+    device: DeviceLike | None = None,
+    preprocessed: bool = False,
+    progress: bool = False,
+) -> list[Prediction] | list[list[Prediction]]:
+    """The ``k`` most probable classes of ``image``, most probable first.
+
+    ``image`` is anything :func:`convlens.load_image` takes (path, URL, bytes, PIL image,
+    array) or a ``[3, H, W]`` tensor in [0, 1]; each is preprocessed with
+    ``bundle.preprocess``. A list (or a ``[N, 3, H, W]`` tensor) gives one list per
+    image, computed in batches of ``batch_size``. ``preprocessed=True`` takes tensors that
+    already are the model's input. ``device``: ``None`` runs where the model is;
+    otherwise the model is moved there (in place). Probabilities are the softmax of the
+    logits, in float32. A random-init bundle warns that its predictions mean nothing.
+
+    Example:
+        >>> bundle = convlens.load_model("efficientnet_lite0")
+        >>> [p.label for p in convlens.classify(bundle, convlens.sample_image(), k=3)]
+        ['academic gown', 'square academic cap', 'military uniform']
+    """
+    if not isinstance(bundle, ModelBundle):
+        raise TypeError(
+            f"classify takes a ModelBundle (convlens.load_model(...)), not {type(bundle).__name__}"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    single = not isinstance(image, (list, tuple)) and not (
+        isinstance(image, torch.Tensor) and image.ndim == 4
+    )
+    items: Sequence[ImageLike] = [image] if single else list(image)  # type: ignore[list-item, arg-type]
+    if not items:
+        raise ValueError("no images to classify")
+    if not bundle.pretrained:
+        warnings.warn(
+            f"{bundle.description}: predictions of an untrained model are meaningless "
+            "(load it with weights='default')",
+            UserWarning,
+            stacklevel=2,
+        )
+    model = unwrap(bundle.model)
+    if device is not None:
+        model.to(resolve_device(device))
+    dev = _model_device(model)
+    labels = bundle.labels or []
+    results: list[list[Prediction]] = []
+    chunks = _chunks(items, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = -(-len(items) // batch_size)
+        chunks = tqdm(chunks, total=total, desc="classify", unit="batch", disable=None)
+    with evaluating(model), torch.no_grad():
+        for start, chunk in chunks:
+            x = torch.stack(
+                [
+                    _to_input(bundle, im, preprocessed, f"image {start + i}")
+                    for i, im in enumerate(chunk)
+                ]
+            ).to(dev)
+            logits = _logits(model(x))
+            if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"the model returned shape {list(logits.shape)}, not class scores "
+                    f"[{x.shape[0]}, classes]: classify needs a classifier"
+                )
+            probs = logits.float().softmax(dim=1)
+            top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
+            for ps, idx in zip(top_p.cpu().tolist(), top_i.cpu().tolist()):
+                results.append(
+                    [
+                        Prediction(labels[i] if i < len(labels) else f"class {i}", int(i), p)
+                        for p, i in zip(ps, idx)
+                    ]
+                )
+    return results[0] if single else results
