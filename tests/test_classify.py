@@ -215,7 +215,7 @@ def test_checkpoint_written_by_train_classifies_like_the_trained_model(
     """`convlens train` calls convlens.train.train, which returns the trained model: the
     checkpoint it wrote loads back with exactly that model's outputs."""
     load_data = pytest.importorskip("convlens.data").load_data  # issue 3's training
-    generate_shapes = pytest.importorskip("convlens.data.shapes").generate_shapes
+    generate_shapes = pytest.importorskip("convlens.data._shapes").generate_shapes
     train = pytest.importorskip("convlens.train").train
     from convlens.models.zoo import build_architecture
 

@@ -17,14 +17,22 @@ from convlens.analysis.occlusion import OcclusionResult, occlude
 from convlens.capture import capture
 from convlens.classify import Prediction, classify
 from convlens.device import resolve_device
-from convlens.errors import ConvlensError, ImageLoadError, LayerNotFoundError, ModelLoadError
+from convlens.errors import (
+    ConvlensError,
+    DatasetError,
+    ImageLoadError,
+    LayerNotFoundError,
+    ModelLoadError,
+)
 from convlens.images import load_image, sample_image
 from convlens.models import ModelBundle, SimpleCNN, list_layers, list_models, load_model
+from convlens.train import TrainResult, evaluate, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConvlensError",
+    "DatasetError",
     "ImageLoadError",
     "LayerNotFoundError",
     "ModelBundle",
@@ -32,10 +40,12 @@ __all__ = [
     "OcclusionResult",
     "Prediction",
     "SimpleCNN",
+    "TrainResult",
     "__version__",
     "capture",
     "channel_stats",
     "classify",
+    "evaluate",
     "filter_responses",
     "list_layers",
     "list_models",
@@ -47,4 +57,5 @@ __all__ = [
     "resolve_device",
     "sample_image",
     "selectivity",
+    "train",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from convlens.data.imagenette import WNID_TO_NAME
+from convlens.data._imagenette import WNID_TO_NAME
 
 
 def jpeg_bytes(seed: int) -> bytes:

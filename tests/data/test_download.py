@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from _imagenette_fakes import FileServer, imagenette_archive
 
+from convlens.data._imagenette import WNID_TO_NAME
 from convlens.data.download import (
     EXTRACTED_MARKER,
     convlens_home,
@@ -19,7 +20,6 @@ from convlens.data.download import (
     safe_extract,
     sha256_file,
 )
-from convlens.data.imagenette import WNID_TO_NAME
 from convlens.errors import DatasetError
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from _imagenette_fakes import FileServer, imagenette_archive, make_archive, make_tree
 
-import convlens.data.imagenette as imagenette_mod
-from convlens.data.download import EXTRACTED_MARKER
-from convlens.data.imagenette import (
+import convlens.data._imagenette as imagenette_mod  # the module, not the function
+from convlens.data._imagenette import (
     IMAGENETTE_CHECKSUMS,
     IMAGENETTE_URLS,
     WNID_TO_NAME,
     imagenette_root,
 )
+from convlens.data.download import EXTRACTED_MARKER
 from convlens.errors import DatasetError
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

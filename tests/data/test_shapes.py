@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from convlens.data import SHAPE_CLASSES, shapes
-from convlens.data.shapes import draw_shape, generate_shapes
+from convlens.data._shapes import draw_shape, generate_shapes
 
 
 def _digest(root):

@@ -13,28 +13,34 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from convlens.data._imagenette import IMAGENETTE_URLS, WNID_TO_NAME, imagenette_root
+from convlens.data._shapes import SHAPE_CLASSES, draw_shape, generate_shapes
 from convlens.data.cache import DecodedImages, decode_cache
+from convlens.data.download import convlens_home, download, safe_extract
 from convlens.data.folder import COURSE_SPEC, ImageFolderData, TransformSpec
-
-# Import the submodule before the function of the same name is defined below, so that
-# loading it later cannot replace the function on the package.
-from convlens.data.imagenette import WNID_TO_NAME, imagenette_root  # isort: skip
 from convlens.data.loader import BatchLoader
-from convlens.data.shapes import SHAPE_CLASSES, generate_shapes
 from convlens.errors import DatasetError
 
 __all__ = [
     "COURSE_SPEC",
+    "IMAGENETTE_URLS",
     "SHAPES_SPEC",
     "SHAPE_CLASSES",
+    "WNID_TO_NAME",
     "BatchLoader",
     "DecodedImages",
     "ImageFolderData",
     "TransformSpec",
+    "convlens_home",
     "decode_cache",
+    "download",
+    "draw_shape",
+    "generate_shapes",
     "image_folder",
     "imagenette",
+    "imagenette_root",
     "load_data",
+    "safe_extract",
     "shapes",
 ]
 
@@ -72,7 +78,7 @@ def imagenette(
 def shapes(
     root: str | os.PathLike[str] | None = None,
     *,
-    train_per_class: int = 500,
+    train_per_class: int = 1000,
     val_per_class: int = 100,
     size: int = 64,
     seed: int = 0,
@@ -87,12 +93,10 @@ def shapes(
         ['circle', 'square', 'triangle']
     """
     if root is None:
-        from convlens.data.download import convlens_home
-
         root = (
             convlens_home()
             / "datasets"
-            / f"shapes-v2-s{seed}-{train_per_class}x{val_per_class}-{size}px"
+            / f"shapes-v5-s{seed}-{train_per_class}x{val_per_class}-{size}px"
         )
     path = generate_shapes(
         root,
@@ -153,6 +157,19 @@ def load_data(
     if spec == "imagenette":
         return imagenette(None, size=size, download=download, progress=progress)
     path = Path(spec).expanduser()
+    marker = path / "shapes.json"
+    if marker.is_file():  # a shapes dataset made by generate_shapes: its own 64 px recipe
+        import json
+
+        settings = json.loads(marker.read_text())
+        return shapes(
+            path,
+            train_per_class=settings["train_per_class"],
+            val_per_class=settings["val_per_class"],
+            size=settings["size"],
+            seed=settings["seed"],
+            progress=progress,
+        )
     if path.is_dir() and (path / "train").is_dir():
         return image_folder(path)
     if not path.exists():

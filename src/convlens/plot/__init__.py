@@ -10,15 +10,20 @@ from convlens.plot.depth import depth_comparison
 from convlens.plot.filters import filter_grid, kernels
 from convlens.plot.images import channels
 from convlens.plot.occlusion import occlusion
+from convlens.plot.training import confusion, curves, filters_before_after, predictions
 
 __all__ = [
     "channel_stats",
     "channels",
+    "confusion",
+    "curves",
     "depth_comparison",
     "feature_maps",
     "filter_grid",
+    "filters_before_after",
     "kernels",
     "mean_maps",
     "occlusion",
+    "predictions",
     "save_figure",
 ]

@@ -78,8 +78,8 @@ def filters_before_after(
     cols = min(n, 16)
     rows = (n + cols - 1) // cols
     fig = new_figure(0.75 * cols + 1.2, 1.7 * rows * 2 + 0.4)
-    sub = fig.subfigures(2, 1)
-    for sf, t, label in zip(sub, tiles, ["before training", "after training"]):
+    sub = fig.subfigures(2, 1, squeeze=False)
+    for sf, t, label in zip(sub.flat, tiles, ["before training", "after training"]):
         axes = sf.subplots(rows, cols, squeeze=False)
         for i, ax in enumerate(axes.flat):
             hide_ticks(ax)

@@ -35,20 +35,25 @@ SHAPE_CLASSES: tuple[str, ...] = (
     "diagonal bars",
 )
 _SS = 2  # supersampling factor for anti-aliased edges
-_FORMAT = "convlens-shapes/2"
+_FORMAT = "convlens-shapes/5"
 
 
 def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, 3))  # type: ignore[return-value]
 
 
+def _luma(c: tuple[int, int, int]) -> float:
+    return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+
+
 def _contrasting(rng: np.random.Generator, other: tuple[int, int, int]) -> tuple[int, int, int]:
-    """A random colour at least 120 away (L1 / 3 per channel ~ 40) from ``other``."""
-    for _ in range(50):
+    """A random colour whose brightness differs from ``other``'s by at least 70 of 255, so
+    the outline is an edge in brightness, not only in hue."""
+    for _ in range(100):
         c = _colour(rng)
-        if sum(abs(a - b) for a, b in zip(c, other)) >= 180:
+        if abs(_luma(c) - _luma(other)) >= 70:
             return c
-    return tuple(255 - v for v in other)  # type: ignore[return-value]
+    return (255, 255, 255) if _luma(other) < 128 else (0, 0, 0)
 
 
 def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, tuple[int, int, int]]:
@@ -132,11 +137,10 @@ def draw_shape(label: int, seed: int, size: int = 64) -> Image.Image:
     draw = ImageDraw.Draw(canvas)
     S = size * _SS
     kind = SHAPE_CLASSES[label]
-    solid = label < 6  # shapes: small enough for SimpleCNN's deepest units to see whole
-    r = S * (rng.uniform(0.13, 0.25) if solid else rng.uniform(0.2, 0.34))
+    r = S * rng.uniform(0.2, 0.34)
     margin = r * 1.05
     cx, cy = rng.uniform(margin, S - margin, 2)
-    spin = rng.uniform(0, 2 * math.pi)
+    spin = math.radians(rng.uniform(-15, 15))  # upright, give or take 15 degrees
     if kind == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     elif kind == "ring":
@@ -147,13 +151,13 @@ def draw_shape(label: int, seed: int, size: int = 64) -> Image.Image:
         ImageDraw.Draw(mask).ellipse([0, 0, inner.size[0] - 1, inner.size[1] - 1], fill=255)
         canvas.paste(inner, (int(cx - ri), int(cy - ri)), mask)
     elif kind == "square":
-        draw.polygon(_rot(_polygon(4, r), cx, cy, spin), fill=colour)
+        draw.polygon(_rot(_polygon(4, r), cx, cy, spin + math.pi / 4), fill=colour)  # square
     elif kind == "triangle":
         draw.polygon(_rot(_polygon(3, r * 1.1), cx, cy, spin), fill=colour)
     elif kind == "star":
         draw.polygon(_rot(_polygon(5, r * 1.1, inner=0.45), cx, cy, spin), fill=colour)
     elif kind == "cross":
-        t = r * rng.uniform(0.28, 0.4)
+        t = r * rng.uniform(0.18, 0.28)  # thin arms: not a notched square
         arm = [
             (-t, -r),
             (t, -r),
@@ -203,7 +207,7 @@ def _write_split(
 def generate_shapes(
     root: str | os.PathLike[str],
     *,
-    train_per_class: int = 500,
+    train_per_class: int = 1000,
     val_per_class: int = 100,
     size: int = 64,
     seed: int = 0,
