@@ -7,8 +7,17 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+# packages the device image lacks travel as wheels in .whl/ (see the device README)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/gpu.txt"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -rs 2>&1 | tee "$out/pytest.log" | tail -15
 timeout 120 python3 benchmarks/capture.py --device cuda --rounds 50 --out "$out" 2>&1 | tee "$out/bench-capture-cuda.log"
 timeout 120 python3 benchmarks/capture.py --device cpu --rounds 10 --out "$out" 2>&1 | tee "$out/bench-capture-cpu.log"
+# training on the GPU: the shapes set, the course recipe, 5 epochs
+CONVLENS_HOME=/tmp/clhome timeout 240 python3 -m convlens train --data shapes --epochs 5 \
+  --out /tmp/train-cuda --device cuda --quiet 2>&1 | tail -4 | tee "$out/train-cuda.log"
+cp /tmp/train-cuda/metrics.json "$out/train-cuda-metrics.json" 2>/dev/null || true

@@ -124,7 +124,7 @@ class BatchLoader:
         return math.ceil(len(self.images) / self.batch_size)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self._mean) / self._std
+        x = x.sub_(self._mean).div_(self._std)  # x is this batch's own buffer
         x = x.contiguous(memory_format=self.memory_format)
         return x.to(self.device, non_blocking=True)
 
