@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -188,7 +189,10 @@ def test_config_validation_and_recipes():
         64,
     )
     fast = RECIPES["fast"]
-    assert [fast.crop_for(e, 128) for e in range(6)] == [64, 64, 96, 96, 128, 128]
+    assert fast.epochs == 10
+    assert [fast.crop_for(e, 128) for e in range(10)] == [64] * 4 + [96] * 3 + [128] * 3
+    six = dataclasses.replace(fast, epochs=6)  # the probe: 64 -> 96 -> 128 over 6
+    assert [six.crop_for(e, 128) for e in range(6)] == [64, 64, 96, 96, 128, 128]
     assert fast.label_smoothing == 0.1 and fast.schedule == "onecycle" and fast.lr == 1e-2
     with pytest.raises(ValueError, match="unknown recipe"):
         train(SimpleCNN(), None, recipe="slow")  # type: ignore[arg-type]

@@ -168,3 +168,29 @@ def test_epoch_generator_depends_on_seed_and_epoch():
     assert torch.equal(a, torch.rand(3, generator=epoch_generator(0, 0)))
     assert not torch.equal(a, torch.rand(3, generator=epoch_generator(0, 1)))
     assert not torch.equal(a, torch.rand(3, generator=epoch_generator(1, 0)))
+
+
+def test_prefetch_gives_the_same_batches_and_cleans_up(tmp_path, monkeypatch):
+    import threading
+
+    root = _folder(tmp_path / "d", n_per_class=5)
+    train = ImageFolderData(root, "train", train=True, spec=SPEC)
+    cache = decode_cache(train, cache_dir=tmp_path / "cache", progress=False)
+    plain = list(BatchLoader(cache, SPEC, batch_size=3, train=True, seed=1, prefetch=0))
+    ahead = list(BatchLoader(cache, SPEC, batch_size=3, train=True, seed=1, prefetch=2))
+    assert len(plain) == len(ahead) == 4
+    for (xa, ya), (xb, yb) in zip(plain, ahead):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # stopping early ends the producer thread
+    it = iter(BatchLoader(cache, SPEC, batch_size=1, train=True, prefetch=1))
+    next(it)
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "convlens-batches"]
+
+    # an error while preparing a batch reaches the training loop
+    def broken(self, idx, g):
+        raise RuntimeError("bad batch")
+
+    monkeypatch.setattr(BatchLoader, "_train_batch", broken)
+    with pytest.raises(RuntimeError, match="bad batch"):
+        list(BatchLoader(cache, SPEC, batch_size=3, train=True, prefetch=2))
