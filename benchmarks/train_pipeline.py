@@ -188,7 +188,7 @@ def figure(results: dict, path: Path) -> None:
             [100 * p["val_accuracy"] for p in pts],
             "s-",
             color="#2b6cb0",
-            label="course recipe, convlens pipeline",
+            label="course recipe, convlens pipeline" + c["course_on_convlens"].get("label", ""),
         )
     if c.get("fast"):
         runs = sorted(c["fast"], key=lambda r: r["epochs"])

@@ -78,7 +78,7 @@ def imagenette(
 def shapes(
     root: str | os.PathLike[str] | None = None,
     *,
-    train_per_class: int = 1000,
+    train_per_class: int = 1500,
     val_per_class: int = 100,
     size: int = 64,
     seed: int = 0,
@@ -96,7 +96,7 @@ def shapes(
         root = (
             convlens_home()
             / "datasets"
-            / f"shapes-v5-s{seed}-{train_per_class}x{val_per_class}-{size}px"
+            / f"shapes-v6-s{seed}-{train_per_class}x{val_per_class}-{size}px"
         )
     path = generate_shapes(
         root,

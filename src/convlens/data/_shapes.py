@@ -35,7 +35,7 @@ SHAPE_CLASSES: tuple[str, ...] = (
     "diagonal bars",
 )
 _SS = 2  # supersampling factor for anti-aliased edges
-_FORMAT = "convlens-shapes/5"
+_FORMAT = "convlens-shapes/6"
 
 
 def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -145,7 +145,7 @@ def draw_shape(label: int, seed: int, size: int = 64) -> Image.Image:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     elif kind == "ring":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-        ri = r * rng.uniform(0.45, 0.65)
+        ri = r * rng.uniform(0.5, 0.65)
         inner = bg.crop((int(cx - ri), int(cy - ri), int(cx + ri), int(cy + ri)))
         mask = Image.new("L", inner.size, 0)
         ImageDraw.Draw(mask).ellipse([0, 0, inner.size[0] - 1, inner.size[1] - 1], fill=255)
@@ -155,7 +155,7 @@ def draw_shape(label: int, seed: int, size: int = 64) -> Image.Image:
     elif kind == "triangle":
         draw.polygon(_rot(_polygon(3, r * 1.1), cx, cy, spin), fill=colour)
     elif kind == "star":
-        draw.polygon(_rot(_polygon(5, r * 1.1, inner=0.45), cx, cy, spin), fill=colour)
+        draw.polygon(_rot(_polygon(5, r * 1.1, inner=0.38), cx, cy, spin), fill=colour)
     elif kind == "cross":
         t = r * rng.uniform(0.18, 0.28)  # thin arms: not a notched square
         arm = [
@@ -207,7 +207,7 @@ def _write_split(
 def generate_shapes(
     root: str | os.PathLike[str],
     *,
-    train_per_class: int = 1000,
+    train_per_class: int = 1500,
     val_per_class: int = 100,
     size: int = 64,
     seed: int = 0,
