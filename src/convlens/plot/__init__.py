@@ -1,7 +1,8 @@
 """Figures for every convlens result. The only package that imports matplotlib.
 
-Each function returns a :class:`matplotlib.figure.Figure` (never calls ``plt.show()``):
-in Jupyter it displays as the cell's value; elsewhere ``save_figure(fig, "x.png")``.
+Each function returns a :class:`matplotlib.figure.Figure` made without pyplot, so nothing
+is shown or kept open behind your back: in Jupyter it displays as the cell's value;
+elsewhere ``save_figure(fig, "x.png")``.
 """
 
 from convlens.plot._base import save_figure
