@@ -23,18 +23,6 @@ from convlens.data.download import (
 from convlens.errors import DatasetError
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    monkeypatch.setenv("CONVLENS_HOME", str(home))
-    return home
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Path:
-    return imagenette_archive(tmp_path / "made")
-
-
 @pytest.fixture
 def server(archive: Path) -> Iterator[FileServer]:
     with FileServer({"imagenette2-160.tgz": archive.read_bytes()}) as s:

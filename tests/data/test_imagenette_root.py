@@ -25,18 +25,6 @@ from convlens.errors import DatasetError
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    monkeypatch.setenv("CONVLENS_HOME", str(home))
-    return home
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Path:
-    return imagenette_archive(tmp_path / "made")
-
-
 @pytest.fixture
 def served(archive: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
     """The fake archive served locally as the 160 px Imagenette, with its hash pinned."""
