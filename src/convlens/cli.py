@@ -84,6 +84,17 @@ def _layers_arg(value: str | None) -> list[str] | None:
     return names
 
 
+def _out_option(default: Path | None, help: str = "Folder for the figures and JSON.") -> Any:
+    """The ``--out DIR`` option every command takes."""
+    return click.option(
+        "--out",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )
+
+
 def _device_option(fn: F) -> F:
     return click.option(
         "--device",
@@ -170,13 +181,7 @@ def main() -> None:
     default=None,
     help="Input side in pixels (default: the model's).",
 )
-@click.option(
-    "--out",
-    "out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Also write layers.json into this folder.",
-)
+@_out_option(None, "Also write layers.json into this folder.")
 @_model_options
 @_device_option
 @_handle_errors
@@ -222,13 +227,7 @@ def layers_cmd(
 
 
 @main.command("filters")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("out"),
-    show_default=True,
-    help="Folder for the figures and selectivity.json.",
-)
+@_out_option(Path("out"), "Folder for the figures and selectivity.json.")
 @_device_option
 @_handle_errors
 def filters_cmd(out: Path, device: str) -> None:
@@ -299,12 +298,7 @@ def _safe_name(layer: str) -> str:
     show_default=True,
     help="Feature maps shown per layer.",
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("out"),
-    show_default=True,
-)
+@_out_option(Path("out"))
 @_model_options
 @_device_option
 @_handle_errors
@@ -420,12 +414,7 @@ def _parse_box(value: str) -> tuple[int, int, int, int]:
     show_default=True,
     help="zero = 0 after normalisation (the dataset mean colour).",
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("out"),
-    show_default=True,
-)
+@_out_option(Path("out"))
 @_model_options
 @_device_option
 @_handle_errors
@@ -492,13 +481,7 @@ def occlude_cmd(
     default=None,
     help="Epochs (default: the recipe's, 8 for course).",
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("out/train"),
-    show_default=True,
-    help="Checkpoint, metrics.json and figures go here.",
-)
+@_out_option(Path("out/train"), "Checkpoint, metrics.json and figures go here.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option(
     "--recipe",
@@ -636,13 +619,7 @@ def train_cmd(
 @click.option("--arch", default=None, help="Architecture of a .pt/.pth state dict.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a random init.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("out"),
-    show_default=True,
-    help="Folder for classify.json.",
-)
+@_out_option(Path("out"), "Folder for classify.json.")
 @_device_option
 @_handle_errors
 def classify_cmd(
@@ -708,12 +685,7 @@ def classify_cmd(
 @click.option(
     "--timm", "with_timm", is_flag=True, help="Also list timm's 1,000-odd pretrained models."
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Also write models.json into this folder.",
-)
+@_out_option(None, "Also write models.json into this folder.")
 @_handle_errors
 def models_cmd(pattern: str | None, with_timm: bool, out: Path | None) -> None:
     """List the models MODEL options accept, and whether their weights are on disk.
