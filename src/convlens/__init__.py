@@ -9,9 +9,11 @@ Example:
     >>> x = convlens.load_model("resnet18", weights=None).preprocess(convlens.sample_image())
     >>> acts = convlens.capture(model, x, ["bn1", "layer4"])
     >>> r = convlens.occlude(model, x, box=(30, 90, 40, 110), layers=["bn1", "layer4"])
+    >>> vis = convlens.render(convlens.load_model("efficientnet_lite0"), "blocks.4:0-9")
 """
 
 from convlens.analysis.activations import channel_stats, mean_map, normalize_maps
+from convlens.analysis.featurevis import RenderResult, objectives, render
 from convlens.analysis.filters import filter_responses, selectivity
 from convlens.analysis.occlusion import OcclusionResult, occlude
 from convlens.capture import capture
@@ -39,6 +41,7 @@ __all__ = [
     "ModelLoadError",
     "OcclusionResult",
     "Prediction",
+    "RenderResult",
     "SimpleCNN",
     "TrainResult",
     "__version__",
@@ -53,7 +56,9 @@ __all__ = [
     "load_model",
     "mean_map",
     "normalize_maps",
+    "objectives",
     "occlude",
+    "render",
     "resolve_device",
     "sample_image",
     "selectivity",

@@ -1,11 +1,35 @@
-"""Feature visualization (activation maximization). Built so far: image parameterizations
-(:mod:`.param`) and the random transforms (:mod:`.transforms`).
+"""Feature visualization (activation maximization): which input makes a unit fire.
 
-Objectives, ``render``, the ``inceptionv1`` model and the ``visualize`` command are the
-rest of this package's work (issue 5).
+- :mod:`.param`: image parameterizations (pixel or 1/f Fourier, colour decorrelation,
+  alpha), :class:`ImageParam`;
+- :mod:`.transforms`: seeded random pad, jitter, scale and rotate (Lucid's standard set);
+- :mod:`.objectives`: what to maximise (channel, neuron, deepdream, direction, class
+  logit, diversity, penalties), composable, with the ``"layer:0-9"`` shorthand;
+- :mod:`.render`: :func:`render` optimises images for an objective, :func:`score`
+  measures an objective on given images.
+
+Re-exported as ``convlens.render`` and ``convlens.objectives``.
+
+Example:
+    >>> b = convlens.load_model("efficientnet_lite0")
+    >>> r = convlens.render(b, "blocks.4:0-9", size=224, steps=64)
+    >>> r.images.shape
+    torch.Size([10, 3, 224, 224])
 """
 
-from convlens.analysis.featurevis import transforms
+from convlens.analysis.featurevis import objectives, transforms
+from convlens.analysis.featurevis.objectives import Objective
 from convlens.analysis.featurevis.param import ImageParam, fft_scale, spectrum_freqs
+from convlens.analysis.featurevis.render import RenderResult, render, score
 
-__all__ = ["ImageParam", "fft_scale", "spectrum_freqs", "transforms"]
+__all__ = [
+    "ImageParam",
+    "Objective",
+    "RenderResult",
+    "fft_scale",
+    "objectives",
+    "render",
+    "score",
+    "spectrum_freqs",
+    "transforms",
+]

@@ -1,0 +1,573 @@
+"""``render``: optimise images so that an objective is as large as possible.
+
+Each step: the parameterized image (:class:`~.param.ImageParam`) goes through the random
+transforms (:mod:`.transforms`), is upsampled to the model's input size when it is
+smaller (as Lucent does), normalised as the model expects, and run forward with hooks on
+the layers the objective reads only; the forward stops as soon as the deepest of them
+has run. The objective's sum over the batch is maximised with Adam.
+
+What makes it cheap: the model's parameters get no gradients during a render (their
+``requires_grad`` is switched off and restored afterwards), so the backward pass computes
+only what the image needs; the input is channels-last (on CPUs this is the faster
+convolution path); nothing after the deepest hooked layer runs; and the standard
+transforms resample once (see :func:`.transforms.standard`).
+
+What is guaranteed: hooks are removed and every module's train/eval flag and every
+parameter's ``requires_grad`` are restored, also when the forward raises (errors are
+raised, never swallowed); the same seed gives the same images (transforms draw from a
+seeded ``torch.Generator``, never from NumPy or the global RNG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convlens.analysis.featurevis import transforms as T
+from convlens.analysis.featurevis.objectives import INPUT, OUTPUT, Objective, parse
+from convlens.analysis.featurevis.param import ImageParam
+from convlens.capture import _expected_calls, _StopForward, model_device
+from convlens.device import DeviceLike, resolve_device
+from convlens.errors import ConvlensError
+from convlens.models.layers import LayerRef, evaluating, find_layers, unwrap
+
+__all__ = ["RenderResult", "render", "score"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+PreprocessArg = Any  # "auto" | None | False | (mean, std) | Preprocess | callable
+
+
+@dataclass
+class RenderResult:
+    """What :func:`render` made.
+
+    ``images``: the final images ``[N, 3, H, W]`` in ``[0, 1]`` (CPU). ``thresholds``:
+    the step counts at which a snapshot was taken (the last is ``steps``); ``snapshots``
+    ``[T, N, 3, H, W]`` the images then; ``values`` ``[T, N]`` the objective of each
+    image at each threshold, measured on the image itself (no transforms);
+    ``times`` the seconds of optimisation up to each threshold (measuring excluded);
+    ``trace`` ``[steps, N]`` the objective at every step, under that step's transforms;
+    ``settings`` everything needed to reproduce the render.
+    """
+
+    images: torch.Tensor
+    values: torch.Tensor
+    thresholds: tuple[int, ...]
+    snapshots: torch.Tensor
+    times: tuple[float, ...]
+    trace: torch.Tensor
+    objective: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_values(self) -> torch.Tensor:
+        """The objective per image at the end, ``[N]``."""
+        return self.values[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (no pixels): objective values per threshold, times, settings."""
+        return {
+            "objective": self.objective,
+            "thresholds": list(self.thresholds),
+            "values": [[float(v) for v in row] for row in self.values],
+            "seconds": [round(t, 4) for t in self.times],
+            "settings": dict(self.settings),
+        }
+
+    def __repr__(self) -> str:
+        vals = ", ".join(f"{float(v):.3g}" for v in self.final_values[:6])
+        more = ", ..." if self.final_values.numel() > 6 else ""
+        return (
+            f"RenderResult({self.objective}: {tuple(self.images.shape)} images after "
+            f"{self.thresholds[-1]} steps, values [{vals}{more}])"
+        )
+
+
+# ------------------------------------------------------------------------ inputs
+
+
+def _model_and_bundle(model: Any) -> tuple[nn.Module, Any]:
+    from convlens.models.zoo import ModelBundle
+
+    if isinstance(model, ModelBundle):
+        return unwrap(model.model), model
+    if isinstance(model, nn.Module):
+        return unwrap(model), None
+    raise TypeError(
+        f"model is a ModelBundle (convlens.load_model) or a torch.nn.Module, "
+        f"got {type(model).__name__}"
+    )
+
+
+def _normalizer(
+    preprocess: PreprocessArg, bundle: Any
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """``[0, 1]`` images -> the model's input, and how to describe it."""
+    from convlens.models.zoo import Preprocess
+
+    if isinstance(preprocess, str) and preprocess == "auto":
+        if bundle is not None:
+            mean, std = bundle.normalize
+        else:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif preprocess is None or preprocess is False:
+        return (lambda x: x), "none"
+    elif isinstance(preprocess, Preprocess):
+        mean, std = preprocess.mean, preprocess.std
+    elif isinstance(preprocess, tuple) and len(preprocess) == 2:
+        mean, std = preprocess
+    elif callable(preprocess):
+        return preprocess, getattr(preprocess, "__name__", type(preprocess).__name__)
+    else:
+        raise TypeError(
+            "preprocess is 'auto' (the bundle's normalisation, ImageNet's for a bare "
+            "module), None (the model takes [0, 1] images), (mean, std), a Preprocess or "
+            f"a function; got {preprocess!r}"
+        )
+    m = torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1)
+    s = torch.tensor([float(v) for v in std]).view(1, -1, 1, 1)
+    cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        if x.device not in cache:
+            cache[x.device] = (m.to(x.device), (1.0 / s).to(x.device))
+        mm, inv = cache[x.device]
+        return (x - mm) * inv
+
+    text = f"mean {[round(float(v), 4) for v in mean]}, std {[round(float(v), 4) for v in std]}"
+    return normalize, text
+
+
+def _transforms(spec: Any) -> tuple[Transform, str]:
+    if spec is None or (isinstance(spec, str) and spec == "none"):
+        return (lambda x, g: x), "none"
+    if isinstance(spec, str):
+        if spec == "standard":
+            return T.standard(), "standard (pad 12, jitter 8, scale, rotate, jitter 4; fused)"
+        if spec == "standard-unfused":
+            return T.standard(fused=False), "standard (unfused)"
+        raise ValueError(
+            f"transforms {spec!r}: use 'standard', 'standard-unfused', 'none', or a list of "
+            "transforms from convlens.analysis.featurevis.transforms"
+        )
+    if isinstance(spec, Sequence):
+        return T.Compose(list(spec)), repr(list(spec))
+    if callable(spec):
+        return spec, repr(spec)
+    raise TypeError(f"transforms must be a name, a list of transforms or a callable; got {spec!r}")
+
+
+def _thresholds(steps: int, thresholds: Sequence[int] | None) -> tuple[int, ...]:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if thresholds is None:
+        return (steps,)
+    ts = sorted({int(t) for t in thresholds})
+    bad = [t for t in ts if not 1 <= t <= steps]
+    if bad:
+        raise ValueError(f"thresholds must lie in 1..steps ({steps}); got {bad}")
+    if not ts or ts[-1] != steps:
+        ts.append(steps)
+    return tuple(ts)
+
+
+# ------------------------------------------------------------------------ the forward
+
+
+class _RedirectedReLUGrad(torch.autograd.Function):
+    """Identity forward on a ReLU's output; backward lets through gradient that would
+    raise a dead unit (Lucid's redirected ReLU), for images where the plain ReLU
+    gradient is zero everywhere."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, upper: float) -> torch.Tensor:
+        ctx.save_for_backward(out)
+        ctx.upper = upper
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (out,) = ctx.saved_tensors
+        # Gradients here are of the loss (minus the objective): grad > 0 pushes down.
+        dead_low = out <= 0
+        dead_high = out >= ctx.upper
+        relu_grad = grad.masked_fill(dead_low | dead_high, 0.0)
+        redirected = grad.masked_fill((dead_low & (grad > 0)) | (dead_high & (grad < 0)), 0.0)
+        passes = relu_grad.flatten(1).norm(dim=1) > 0
+        shape = (-1,) + (1,) * (grad.ndim - 1)
+        return torch.where(passes.view(shape), relu_grad, redirected), None
+
+
+class _Forward:
+    """The model with hooks on the objective's layers; ``__call__(x)`` returns a reader
+    of this forward's activations."""
+
+    def __init__(self, net: nn.Module, objective: Objective) -> None:
+        self.net = net
+        self.names = [n for n in objective.layers if n not in (INPUT, OUTPUT)]
+        self.full = OUTPUT in objective.layers or not self.names
+        self.refs: list[LayerRef] = find_layers(net, self.names) if self.names else []
+        self.modules = {r.name: r.module for r in self.refs}
+        self.needed: dict[str, int] | None = None
+        self.outputs: dict[str, list[torch.Tensor]] = {}
+        self.pending: set[str] = set()
+        self.redirect = False
+        self.tracing = False
+
+    def _plan(self, x: torch.Tensor) -> None:
+        if self.full:
+            return
+        self.tracing = True  # our hooks stay out of the shape trace
+        try:
+            expected = _expected_calls(self.net, x, self.modules)
+        finally:
+            self.tracing = False
+        needed: dict[str, int] = {}
+        for name in self.modules:
+            calls = [r.call for r in self.refs if r.name == name]
+            if None in calls:
+                needed[name] = expected[name]
+            else:
+                needed[name] = max(c for c in calls if c is not None) + 1
+            needed[name] = max(needed[name], 1)
+        self.needed = needed
+
+    @contextlib.contextmanager
+    def hooked(self, redirect_relu: bool) -> Iterator[_Forward]:
+        handles = []
+
+        def make_hook(name: str) -> Any:
+            def hook(_m: nn.Module, _inp: Any, out: Any) -> Any:
+                if self.tracing:
+                    return None
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(
+                        f"layer {name!r} returns {type(out).__name__}, not a tensor: use one "
+                        "of its submodules (`convlens layers MODEL` lists them)"
+                    )
+                got = self.outputs[name]
+                last = False
+                if self.needed is not None and len(got) + 1 >= self.needed[name]:
+                    self.pending.discard(name)
+                    last = not self.pending
+                # A later in-place op (ReLU(inplace=True)) must not change what we read:
+                # copy, unless the forward stops right here.
+                got.append(out if last else out.clone())
+                if last:
+                    raise _StopForward
+
+            return hook
+
+        def relu_hook(m: nn.Module, _inp: Any, out: Any) -> Any:
+            if (
+                self.redirect
+                and not self.tracing
+                and isinstance(out, torch.Tensor)
+                and out.requires_grad
+            ):
+                upper = 6.0 if isinstance(m, nn.ReLU6) else float("inf")
+                return _RedirectedReLUGrad.apply(out, upper)
+            return None
+
+        try:
+            for name, module in self.modules.items():
+                handles.append(module.register_forward_hook(make_hook(name)))
+            if redirect_relu:
+                for m in self.net.modules():
+                    if isinstance(m, (nn.ReLU, nn.ReLU6)):
+                        handles.append(m.register_forward_hook(relu_hook))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def __call__(self, x: torch.Tensor, image: torch.Tensor) -> Callable[[str], torch.Tensor]:
+        if self.needed is None and not self.full:
+            self._plan(x)
+        self.outputs = {n: [] for n in self.modules}
+        self.pending = set(self.modules)
+        output: Any = None
+        if self.full:
+            output = self.net(x)
+        else:
+            with contextlib.suppress(_StopForward):
+                output = self.net(x)
+        outputs = self.outputs
+
+        def acts(name: str) -> torch.Tensor:
+            if name == INPUT:
+                return image
+            if name == OUTPUT:
+                if isinstance(output, (tuple, list)):
+                    return output[0]
+                if not isinstance(output, torch.Tensor):
+                    raise TypeError(
+                        f"the model returns {type(output).__name__}; class_logit needs a tensor"
+                    )
+                return output
+            base, _, call = name.partition("#")
+            got = outputs.get(base)
+            if not got:
+                raise ValueError(
+                    f"layer {base!r} did not run during the forward (it is registered but "
+                    "never called): choose another layer"
+                )
+            k = int(call) if call else len(got) - 1
+            if k >= len(got):
+                raise ValueError(f"layer {base!r} runs {len(got)} time(s); {name!r} does not exist")
+            return got[k]
+
+        return acts
+
+
+@contextlib.contextmanager
+def _frozen(net: nn.Module) -> Iterator[None]:
+    """No parameter gradients inside; every ``requires_grad`` flag restored after."""
+    flags = [(p, p.requires_grad) for p in net.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class _Pipeline:
+    """[0, 1] image -> (transforms) -> upsample -> normalise -> channels-last."""
+
+    def __init__(
+        self,
+        normalize: Callable[[torch.Tensor], torch.Tensor],
+        upsample_to: int | None,
+        channels_last: bool,
+    ) -> None:
+        self.normalize = normalize
+        self.upsample_to = upsample_to
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.upsample_to
+        if s is not None and (x.shape[-2] < s or x.shape[-1] < s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=True)
+        x = self.normalize(x)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def _upsample_size(upsample: bool | int | None, bundle: Any, size: tuple[int, int]) -> int | None:
+    if upsample is None or upsample is False:
+        return None
+    if upsample is True:
+        if bundle is None:
+            return None  # a bare module has no known input size
+        target = int(bundle.input_size)
+    else:
+        target = int(upsample)
+    return target if min(size) < target else None
+
+
+def _values(obj: Objective, acts: Callable[[str], torch.Tensor], n: int) -> torch.Tensor:
+    v = obj(acts)
+    if v.ndim == 0:
+        v = v.expand(n)
+    if v.shape != (n,):
+        raise ValueError(
+            f"objective {obj} gave shape {list(v.shape)}, expected one value per image ({n})"
+        )
+    return v
+
+
+# ------------------------------------------------------------------------ public
+
+
+def score(
+    model: Any,
+    objective: Objective | str,
+    images: torch.Tensor,
+    *,
+    preprocess: PreprocessArg = "auto",
+    upsample: bool | int | None = True,
+    device: DeviceLike | None = None,
+) -> torch.Tensor:
+    """The objective of each image (``[N, 3, H, W]`` in ``[0, 1]``), without transforms:
+    how :func:`render` measures its results, usable on any tool's images.
+
+    Example:
+        >>> b = convlens.load_model("efficientnet_lite0")
+        >>> score(b, "blocks.4:0-1", torch.rand(2, 3, 224, 224)).shape
+        torch.Size([2])
+    """
+    net, bundle = _model_and_bundle(model)
+    obj = parse(objective)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError("images must be a tensor [N, 3, H, W] in [0, 1]")
+    if images.shape[0] < obj.min_batch:
+        raise ValueError(f"objective {obj} needs at least {obj.min_batch} images")
+    dev = resolve_device(device) if device is not None else model_device(net)
+    if device is not None:
+        net.to(dev)
+    normalize, _ = _normalizer(preprocess, bundle)
+    pipe = _Pipeline(
+        normalize, _upsample_size(upsample, bundle, (images.shape[-2], images.shape[-1])), True
+    )
+    fwd = _Forward(net, obj)
+    img = images.to(dev, torch.float32)
+    with fwd.hooked(False), evaluating(net), torch.no_grad():
+        acts = fwd(pipe(img), img)
+        return _values(obj, acts, img.shape[0]).detach().cpu()
+
+
+def render(
+    model: Any,
+    objective: Objective | str,
+    *,
+    size: int | tuple[int, int] = 128,
+    steps: int = 512,
+    lr: float = 0.05,
+    batch: int | None = None,
+    seed: int = 0,
+    transforms: Any = "standard",
+    preprocess: PreprocessArg = "auto",
+    thresholds: Sequence[int] | None = None,
+    fft: bool = True,
+    decorrelate: bool = True,
+    redirect_relu: int = 0,
+    upsample: bool | int | None = True,
+    param: ImageParam | None = None,
+    channels_last: bool = True,
+    device: DeviceLike | None = None,
+    progress: bool | None = None,
+) -> RenderResult:
+    """Images that maximise ``objective`` for ``model`` (activation maximization).
+
+    ``model``: a :class:`~convlens.models.zoo.ModelBundle` (its normalisation is used) or
+    a bare ``nn.Module`` (ImageNet normalisation unless ``preprocess`` says otherwise).
+    ``objective``: an :class:`~.objectives.Objective` or the shorthand ``"layer:3"``,
+    ``"layer:0-9"`` (one channel per batch image), ``"layer:3@7,7"`` (a neuron).
+    ``size``: the image side (or ``(h, w)``); images smaller than a bundle's input size
+    are upsampled to it after the transforms, as Lucent does (``upsample=False`` turns
+    that off, an int sets the size; a bare module is not upsampled unless given one). ``batch``: images to render (default: what the objective needs, else 1).
+    ``steps``, ``lr``: Adam's iterations and learning rate. ``seed``: the starting image
+    and every transform draw. ``transforms``: ``"standard"`` (Lucid's set, fused),
+    ``"none"``, or a list of transforms. ``thresholds``: step counts at which to keep a
+    snapshot and measure the objective. ``fft``/``decorrelate``: the parameterization
+    (or pass your own ``param``). ``redirect_relu``: for this many first steps, ReLU
+    gradients are redirected as in Lucid, so units that start dead can still be raised.
+    ``device``: ``None`` runs where the model is; otherwise the model is moved there.
+
+    Example:
+        >>> b = convlens.load_model("efficientnet_lite0")
+        >>> r = render(b, "blocks.4:0-9", size=224, steps=64)
+        >>> r.images.shape, r.final_values.shape
+        (torch.Size([10, 3, 224, 224]), torch.Size([10]))
+    """
+    net, bundle = _model_and_bundle(model)
+    obj = parse(objective)
+    ts = _thresholds(steps, thresholds)
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if param is not None:
+        n = param.batch
+    else:
+        n = int(batch) if batch is not None else max(1, obj.min_batch)
+    if n < max(1, obj.min_batch):
+        raise ValueError(
+            f"objective {obj} targets {obj.min_batch} batch images but batch is {n}: "
+            f"use batch={obj.min_batch} (or leave it out)"
+        )
+    dev = resolve_device(device) if device is not None else model_device(net)
+    if device is not None:
+        net.to(dev)
+    normalize, norm_text = _normalizer(preprocess, bundle)
+    transform, transform_text = _transforms(transforms)
+    gen = torch.Generator().manual_seed(int(seed))  # CPU: the same draws on every device
+    if param is None:
+        param = ImageParam(size, batch=n, fft=fft, decorrelate=decorrelate, generator=gen)
+    param = param.to(dev)
+    hw = (param.height, param.width)
+    pipe = _Pipeline(normalize, _upsample_size(upsample, bundle, hw), channels_last)
+    fwd = _Forward(net, obj)
+    opt = torch.optim.Adam(param.parameters(), lr=lr)
+
+    from tqdm.auto import tqdm
+
+    snapshots: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    times: list[float] = []
+    trace = torch.zeros(ts[-1], n)
+    elapsed = 0.0
+    with fwd.hooked(redirect_relu > 0), evaluating(net), _frozen(net):
+        bar = tqdm(range(ts[-1]), desc="render", unit="step", disable=_no_bar(progress))
+        t0 = time.perf_counter()
+        for step in bar:
+            fwd.redirect = step < redirect_relu
+            opt.zero_grad(set_to_none=True)
+            image = param()
+            x = pipe(transform(image, gen))
+            v = _values(obj, fwd(x, image), n)
+            loss = -v.sum()
+            if not torch.isfinite(loss):
+                raise ConvlensError(
+                    f"the objective became {float(loss.detach())} at step {step + 1}: "
+                    f"lower lr (now {lr}) or check the objective"
+                )
+            loss.backward()
+            opt.step()
+            trace[step] = v.detach().cpu()
+            if step + 1 in ts:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                elapsed += time.perf_counter() - t0
+                times.append(elapsed)
+                with torch.no_grad():
+                    img = param().detach()
+                    fwd.redirect = False
+                    values.append(_values(obj, fwd(pipe(img), img), n).detach().cpu())
+                snapshots.append(img.cpu())
+                bar.set_postfix(objective=f"{float(values[-1].mean()):.3g}")
+                t0 = time.perf_counter()
+    settings = {
+        "model": bundle.description if bundle is not None else type(net).__name__,
+        "objective": str(obj),
+        "size": list(hw),
+        "steps": ts[-1],
+        "lr": lr,
+        "batch": n,
+        "seed": seed,
+        "transforms": transform_text,
+        "preprocess": norm_text,
+        "upsample_to": pipe.upsample_to,
+        "fft": param.fft,
+        "decorrelate": param.decorrelate,
+        "redirect_relu": redirect_relu,
+        "optimizer": "Adam",
+        "device": str(dev),
+    }
+    snaps = torch.stack(snapshots)
+    return RenderResult(
+        images=snaps[-1][:, :3].clone(),
+        values=torch.stack(values),
+        thresholds=ts,
+        snapshots=snaps,
+        times=tuple(times),
+        trace=trace,
+        objective=str(obj),
+        settings=settings,
+    )
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+    # None: tqdm decides (no bar when not a terminal); False: never; True: always.
+    return None if progress is None else not progress
