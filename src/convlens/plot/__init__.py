@@ -8,6 +8,7 @@ elsewhere ``save_figure(fig, "x.png")``.
 from convlens.plot._base import save_figure
 from convlens.plot.activations import channel_stats, feature_maps, mean_maps
 from convlens.plot.depth import depth_comparison
+from convlens.plot.featurevis import feature_vis
 from convlens.plot.filters import filter_grid, kernels
 from convlens.plot.images import channels
 from convlens.plot.occlusion import occlusion
@@ -20,6 +21,7 @@ __all__ = [
     "curves",
     "depth_comparison",
     "feature_maps",
+    "feature_vis",
     "filter_grid",
     "filters_before_after",
     "kernels",

@@ -20,12 +20,20 @@ Example:
 from convlens.analysis.featurevis import objectives, transforms
 from convlens.analysis.featurevis.objectives import Objective
 from convlens.analysis.featurevis.param import ImageParam, fft_scale, spectrum_freqs
-from convlens.analysis.featurevis.render import RenderResult, render, score
+from convlens.analysis.featurevis.render import (
+    RenderResult,
+    default_objective,
+    featurevis_layer,
+    render,
+    score,
+)
 
 __all__ = [
     "ImageParam",
     "Objective",
     "RenderResult",
+    "default_objective",
+    "featurevis_layer",
     "fft_scale",
     "objectives",
     "render",

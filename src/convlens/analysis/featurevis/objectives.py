@@ -87,6 +87,8 @@ class Objective:
         self.layers: tuple[str, ...] = tuple(dict.fromkeys(layers))
         self.description = description
         self.min_batch = int(min_batch)
+        #: a short label per batch image, set by :func:`parse` for ``"layer:0-9"``
+        self.labels: list[str] | None = None
         self._prec = _prec  # 1: a sum, 2: a product, 3: an atom (for parentheses)
 
     def __call__(self, acts: Activations) -> torch.Tensor:
@@ -524,6 +526,7 @@ def parse(spec: str | Objective) -> Objective:
     what = "class_logit(" if layer == "output" else f"channel({layer}, "
     total.description = f"{what}{_compact(chans)}, one per image)"
     total._prec = 3
+    total.labels = [f"{layer}:{c}" for c in chans]
     return total
 
 

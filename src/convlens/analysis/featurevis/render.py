@@ -38,7 +38,7 @@ from convlens.device import DeviceLike, resolve_device
 from convlens.errors import ConvlensError
 from convlens.models.layers import LayerRef, evaluating, find_layers, unwrap
 
-__all__ = ["RenderResult", "render", "score"]
+__all__ = ["RenderResult", "default_objective", "featurevis_layer", "render", "score"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,7 +57,8 @@ class RenderResult:
     image at each threshold, measured on the image itself (no transforms);
     ``times`` the seconds of optimisation up to each threshold (measuring excluded);
     ``trace`` ``[steps, N]`` the objective at every step, under that step's transforms;
-    ``settings`` everything needed to reproduce the render.
+    ``settings`` everything needed to reproduce the render; ``labels`` what each image
+    maximises (``"mixed4a:3"``).
     """
 
     images: torch.Tensor
@@ -68,6 +69,7 @@ class RenderResult:
     trace: torch.Tensor
     objective: str
     settings: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
 
     @property
     def final_values(self) -> torch.Tensor:
@@ -78,6 +80,7 @@ class RenderResult:
         """A JSON-ready summary (no pixels): objective values per threshold, times, settings."""
         return {
             "objective": self.objective,
+            "labels": list(self.labels),
             "thresholds": list(self.thresholds),
             "values": [[float(v) for v in row] for row in self.values],
             "seconds": [round(t, 4) for t in self.times],
@@ -565,9 +568,62 @@ def render(
         trace=trace,
         objective=str(obj),
         settings=settings,
+        labels=_labels(obj, n),
     )
+
+
+def _labels(obj: Objective, n: int) -> list[str]:
+    if obj.labels is not None and len(obj.labels) == n:
+        return list(obj.labels)
+    text = str(obj)
+    if n == 1:
+        return [text]
+    head = list(obj.labels or [])
+    return head + [f"{text} #{i}" for i in range(len(head), n)]
 
 
 def _no_bar(progress: bool | None) -> bool | None:
     # None: tqdm decides (no bar when not a terminal); False: never; True: always.
     return None if progress is None else not progress
+
+
+# The course renders the first 10 channels of InceptionV1's mixed4a; the same depth
+# (about the middle of the network) in the other families.
+_COURSE_LAYERS: tuple[tuple[str, str], ...] = (
+    ("mixed4a", "mixed4a"),  # inceptionv1, the course's layer
+    ("inception4a", "inception4a"),  # torchvision googlenet
+    ("blocks.4", "blocks.4"),  # efficientnet (timm layout)
+    ("layer3", "layer3"),  # resnet
+    ("features.8", "features.8"),  # vgg-like
+    ("bn3", "bn3"),  # the course's SimpleCNN
+)
+
+
+def featurevis_layer(model: Any) -> str:
+    """The layer to visualise by default: the course's ``mixed4a`` for InceptionV1, the
+    same depth in other families (``blocks.4``, ``inception4a``, ``layer3``), else the
+    middle convolution.
+
+    Example:
+        >>> featurevis_layer(convlens.load_model("efficientnet_lite0"))
+        'blocks.4'
+    """
+    net, _ = _model_and_bundle(model)
+    names = {n for n, _ in net.named_modules()}
+    for needed, layer in _COURSE_LAYERS:
+        if needed in names:
+            return layer
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError("the model has no Conv2d layer: name the layer to visualise")
+    return convs[len(convs) // 2]
+
+
+def default_objective(model: Any, channels: int = 10) -> str:
+    """``"<featurevis_layer>:0-9"``: the first ``channels`` channels, one per image.
+
+    Example:
+        >>> default_objective(convlens.load_model("efficientnet_lite0"))
+        'blocks.4:0-9'
+    """
+    return f"{featurevis_layer(model)}:0-{channels - 1}"
