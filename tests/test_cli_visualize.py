@@ -48,7 +48,7 @@ def test_visualize_writes_pngs_grid_and_json(tmp_path: Path):
     bundle = load_model("simple_cnn", weights=None)
     res = render(bundle, "bn2:0-2", size=32, steps=6, thresholds=(3,), progress=False)
     assert torch.allclose(torch.tensor(doc["values"]), res.values, rtol=1e-4)
-    pixels = [torch.from_numpy(np.asarray(Image.open(out / n))) for n in names]
+    pixels = [torch.from_numpy(np.array(Image.open(out / n))) for n in names]
     saved = torch.stack(pixels).permute(0, 3, 1, 2).float() / 255
     assert torch.allclose(saved, res.images, atol=1 / 255 + 1e-6)
     rescored = score(bundle, "bn2:0-2", saved)
