@@ -144,7 +144,9 @@ def classify(
     image, computed in batches of ``batch_size``. ``preprocessed=True`` takes tensors that
     already are the model's input. ``device``: ``None`` runs where the model is;
     otherwise the model is moved there (in place). Probabilities are the softmax of the
-    logits, in float32. A random-init bundle warns that its predictions mean nothing.
+    logits, in float32 (the output itself for a model whose ``outputs_probabilities`` is
+    true, such as ``inceptionv1``, which ends in ``softmax2``). A random-init bundle warns
+    that its predictions mean nothing.
 
     Example:
         >>> bundle = convlens.load_model("efficientnet_lite0")
@@ -177,6 +179,7 @@ def classify(
         model.to(resolve_device(device))
     dev = _model_device(model)
     labels = bundle.labels or []
+    already_softmax = bool(getattr(model, "outputs_probabilities", False))
     results: list[list[Prediction]] = []
     chunks = _chunks(items, batch_size)
     if progress:
@@ -198,7 +201,7 @@ def classify(
                     f"the model returned shape {list(logits.shape)}, not class scores "
                     f"[{x.shape[0]}, classes]: classify needs a classifier"
                 )
-            probs = logits.float().softmax(dim=1)
+            probs = logits.float() if already_softmax else logits.float().softmax(dim=1)
             top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
             for ps, idx in zip(top_p.cpu().tolist(), top_i.cpu().tolist()):
                 results.append(

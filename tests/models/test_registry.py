@@ -1,23 +1,19 @@
 """The model registry: every spec form, pretrained weights on and off line, the shipped
 EfficientNet-Lite0 mapping, and torch.load's weights_only guard. No test uses the network:
 downloads are pointed at 127.0.0.1 (a closed port, or a server run by the test) and the
-torch / Hugging Face caches are temporary folders."""
+torch / Hugging Face caches are temporary folders (fixtures in conftest.py)."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import json
-import socket
-import threading
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from _local_http import closed_port
 from click.testing import CliRunner, Result
 from safetensors.torch import save_file
 
@@ -29,50 +25,7 @@ from convlens.models import list_models, save_checkpoint
 from convlens.models.weights import read_weights
 from convlens.models.zoo import LITE0_PREPROCESS, build_architecture, default_layers
 
-# ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True)
-def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
-    """Empty torch and Hugging Face caches, so nothing reads or writes ~/.cache."""
-    import huggingface_hub.constants as hf
-
-    torch_home, hf_cache = tmp_path / "torch", tmp_path / "hf"
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(hf_cache))
-    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    return {"torch": torch_home, "hf": hf_cache}
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 where nothing listens (bound, read, closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    """A folder served over HTTP on 127.0.0.1: (folder, base URL)."""
-    root = tmp_path / "www"
-    root.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+# ---------------------------------------------------------------- helpers
 
 
 def resnet18_member():

