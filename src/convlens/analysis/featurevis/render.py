@@ -381,6 +381,33 @@ def _upsample_size(upsample: bool | int | None, bundle: Any, size: tuple[int, in
     return target if min(size) < target else None
 
 
+def _fold_checked(
+    net: nn.Module, obj: Objective, example: torch.Tensor, channels_last: bool
+) -> tuple[nn.Module, int]:
+    """``(copy with BatchNorms folded, how many)`` when the copy gives the same outputs
+    at every layer the objective reads; else ``(net, 0)``."""
+    from convlens.analysis.featurevis._fold import fold_batchnorm
+
+    keep = {name.partition("#")[0] for name in obj.layers}
+    got = fold_batchnorm(net, example, keep)
+    if got is None:
+        return net, 0
+    clone, folded = got
+    if channels_last:
+        clone.to(memory_format=torch.channels_last)
+    a, b = _Forward(net, obj), _Forward(clone, obj)
+    with a.hooked(False), b.hooked(False), torch.no_grad():
+        ra, rb = a(example, example), b(example, example)
+        for name in obj.layers:
+            if name == INPUT:
+                continue
+            ta, tb = ra(name), rb(name)
+            scale = float(ta.abs().max()) + 1e-6
+            if ta.shape != tb.shape or float((ta - tb).abs().max()) > 1e-4 * scale:
+                return net, 0
+    return clone, folded
+
+
 def _values(obj: Objective, acts: Callable[[str], torch.Tensor], n: int) -> torch.Tensor:
     v = obj(acts)
     if v.ndim == 0:
@@ -450,6 +477,7 @@ def render(
     upsample: bool | int | None = True,
     param: ImageParam | None = None,
     channels_last: bool = True,
+    fold_bn: bool = True,
     device: DeviceLike | None = None,
     progress: bool | None = None,
 ) -> RenderResult:
@@ -468,7 +496,10 @@ def render(
     snapshot and measure the objective. ``fft``/``decorrelate``: the parameterization
     (or pass your own ``param``). ``redirect_relu``: for this many first steps, ReLU
     gradients are redirected as in Lucid, so units that start dead can still be raised.
-    ``device``: ``None`` runs where the model is; otherwise the model is moved there.
+    ``fold_bn``: run a private copy of the model with each eval-mode BatchNorm folded
+    into the convolution before it (the same outputs, less work; checked on one input
+    against the model, which is used as it is when they differ). ``device``: ``None``
+    runs where the model is; otherwise the model is moved there.
 
     Example:
         >>> b = convlens.load_model("efficientnet_lite0")
@@ -501,7 +532,6 @@ def render(
     param = param.to(dev)
     hw = (param.height, param.width)
     pipe = _Pipeline(normalize, _upsample_size(upsample, bundle, hw), channels_last)
-    fwd = _Forward(net, obj)
     opt = torch.optim.Adam(param.parameters(), lr=lr)
 
     from tqdm.auto import tqdm
@@ -511,7 +541,15 @@ def render(
     times: list[float] = []
     trace = torch.zeros(ts[-1], n)
     elapsed = 0.0
-    with fwd.hooked(redirect_relu > 0), evaluating(net), _frozen(net):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(evaluating(net))
+        stack.enter_context(_frozen(net))
+        run_net, folded = net, 0
+        if fold_bn:
+            example = pipe(torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(0)))
+            run_net, folded = _fold_checked(net, obj, example.to(dev), channels_last)
+        fwd = _Forward(run_net, obj)
+        stack.enter_context(fwd.hooked(redirect_relu > 0))
         bar = tqdm(range(ts[-1]), desc="render", unit="step", disable=_no_bar(progress))
         t0 = time.perf_counter()
         for step in bar:
@@ -555,6 +593,7 @@ def render(
         "fft": param.fft,
         "decorrelate": param.decorrelate,
         "redirect_relu": redirect_relu,
+        "folded_batchnorms": folded,
         "optimizer": "Adam",
         "device": str(dev),
     }
