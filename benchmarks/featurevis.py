@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=4, help="convlens records every N steps")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each tool")
     ap.add_argument("--skip-lucent", action="store_true", help="convlens only")
     ap.add_argument(
         "--lucent-frozen",
@@ -72,38 +74,27 @@ def main() -> None:
     bundle = convlens.load_model("efficientnet_lite0", device=dev)
     print(f"{bundle.description} on {dev}; {objective}; {args.size} px; steps {steps}")
 
-    # -- convlens: one render, images recorded every few steps -------------------------
     dense = sorted(set(range(args.every, steps[-1] + 1, args.every)) | set(steps))
-    r = render(
-        bundle,
-        objective,
-        size=args.size,
-        steps=steps[-1],
-        thresholds=dense,
-        seed=args.seed,
-        device=dev,
-        progress=False,
-    )
-    cl_means = [float(v.mean()) for v in r.values]
-    convlens_row: dict[str, Any] = {
-        "thresholds": list(r.thresholds),
-        "seconds": [round(t, 3) for t in r.times],
-        "mean_objective": [round(m, 4) for m in cl_means],
-        "per_channel": {
-            str(t): [round(float(v), 4) for v in r.values[r.thresholds.index(t)]] for t in steps
-        },
-    }
-    for t in steps:
-        i = r.thresholds.index(t)
-        print(f"convlens {t:>4} steps: {r.times[i]:8.1f} s, mean objective {cl_means[i]:.3f}")
-
-    # -- Lucent ---------------------------------------------------------------------------
-    lucent_rows: dict[str, Any] = {}
-    if not args.skip_lucent:
+    mean, std = bundle.normalize
+    variants = [("lucent", False)] + ([("lucent_frozen", True)] if args.lucent_frozen else [])
+    runs: dict[str, list[dict[str, Any]]] = {"convlens": [], **{n: [] for n, _ in variants}}
+    for rnd in range(args.rounds):  # tools alternate, so drift in the machine hits both
+        r = render(
+            bundle,
+            objective,
+            size=args.size,
+            steps=steps[-1],
+            thresholds=dense,
+            seed=args.seed,
+            device=dev,
+            progress=False,
+        )
+        runs["convlens"].append({"times": list(r.times), "result": r})
+        print(f"round {rnd + 1}: convlens {r.times[-1]:.1f} s")
+        if args.skip_lucent:
+            continue
         from _lucent import fold_normalization, lucent_render
 
-        mean, std = bundle.normalize
-        variants = [("lucent", False)] + ([("lucent_frozen", True)] if args.lucent_frozen else [])
         for name, frozen in variants:
             net = fold_normalization(bundle.model, mean, std).eval()
             out = lucent_render(
@@ -116,17 +107,46 @@ def main() -> None:
                 device=dev,
                 freeze_model=frozen,
             )
-            per = [score(bundle, objective, imgs) for imgs in out["images"]]
-            lucent_rows[name] = {
-                "thresholds": steps,
-                "seconds": [round(t, 3) for t in out["times"]],
-                "mean_objective": [round(float(p.mean()), 4) for p in per],
-                "per_channel": {
-                    str(t): [round(float(v), 4) for v in p] for t, p in zip(steps, per)
-                },
-            }
-            for t, s, p in zip(steps, out["times"], per):
-                print(f"{name} {t:>4} steps: {s:8.1f} s, mean objective {float(p.mean()):.3f}")
+            runs[name].append(out)
+            print(f"round {rnd + 1}: {name} {out['times'][-1]:.1f} s")
+
+    def median_times(rows: list[dict[str, Any]]) -> list[float]:
+        return [statistics.median(col) for col in zip(*(row["times"] for row in rows))]
+
+    r = runs["convlens"][0]["result"]
+    r.times = tuple(median_times(runs["convlens"]))
+    cl_means = [float(v.mean()) for v in r.values]
+    convlens_row: dict[str, Any] = {
+        "thresholds": list(r.thresholds),
+        "seconds": [round(t, 3) for t in r.times],
+        "mean_objective": [round(m, 4) for m in cl_means],
+        "per_channel": {
+            str(t): [round(float(v), 4) for v in r.values[r.thresholds.index(t)]] for t in steps
+        },
+        "seconds_each_round": [
+            [round(row["times"][r.thresholds.index(t)], 2) for t in steps]
+            for row in runs["convlens"]
+        ],
+    }
+    for t in steps:
+        i = r.thresholds.index(t)
+        print(f"convlens {t:>4} steps: {r.times[i]:8.1f} s, mean objective {cl_means[i]:.3f}")
+
+    # -- Lucent: images are deterministic (seeded numpy and torch), times the median ------
+    lucent_rows: dict[str, Any] = {}
+    for name, _ in variants if not args.skip_lucent else []:
+        out = runs[name][0]
+        times = median_times(runs[name])
+        per = [score(bundle, objective, imgs) for imgs in out["images"]]
+        lucent_rows[name] = {
+            "thresholds": steps,
+            "seconds": [round(t, 3) for t in times],
+            "seconds_each_round": [[round(t, 2) for t in row["times"]] for row in runs[name]],
+            "mean_objective": [round(float(p.mean()), 4) for p in per],
+            "per_channel": {str(t): [round(float(v), 4) for v in p] for t, p in zip(steps, per)},
+        }
+        for t, s_, p in zip(steps, times, per):
+            print(f"{name} {t:>4} steps: {s_:8.1f} s, mean objective {float(p.mean()):.3f}")
 
     # -- the comparison ---------------------------------------------------------------------
     table = []
@@ -159,6 +179,7 @@ def main() -> None:
         "objective": objective,
         "size": args.size,
         "seed": args.seed,
+        "rounds": args.rounds,
         "device": str(dev),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
