@@ -12,6 +12,7 @@ __all__ = [
     "ImageLoadError",
     "LayerNotFoundError",
     "ModelLoadError",
+    "ReportError",
 ]
 
 
@@ -69,4 +70,12 @@ class DatasetError(ConvlensError, ValueError):
 
     Example:
         >>> imagenette("broken.tgz")  # DatasetError: 'broken.tgz' is truncated ...
+    """
+
+
+class ReportError(ConvlensError, ValueError):
+    """A report could not be built: its folder, ``report.json`` or a section is unusable.
+
+    Example:
+        >>> write_report("tour/")  # ReportError: no report.json in 'tour/'; run `convlens tour --out tour/` ...
     """
