@@ -55,3 +55,17 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium binary for browser tests (tests/_browser.py); skips where there is none."""
+    from _browser import CHROMIUM_NAMES, find_chromium
+
+    found = find_chromium()
+    if found is None:
+        pytest.skip(
+            f"no Chromium found (looked for {', '.join(CHROMIUM_NAMES)} and $CONVLENS_CHROMIUM); "
+            "install it with `apt-get install chromium`, as .ci/run does"
+        )
+    return found
