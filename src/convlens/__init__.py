@@ -28,6 +28,7 @@ from convlens.errors import (
 )
 from convlens.images import load_image, sample_image
 from convlens.models import ModelBundle, SimpleCNN, list_layers, list_models, load_model
+from convlens.tour import tour  # the function; the module's names: from convlens.tour import ...
 from convlens.train import TrainResult, evaluate, train
 
 __version__ = "0.1.0"
@@ -62,5 +63,6 @@ __all__ = [
     "resolve_device",
     "sample_image",
     "selectivity",
+    "tour",
     "train",
 ]

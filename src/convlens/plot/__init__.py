@@ -12,7 +12,13 @@ from convlens.plot.featurevis import feature_vis
 from convlens.plot.filters import filter_grid, kernels
 from convlens.plot.images import channels
 from convlens.plot.occlusion import occlusion
-from convlens.plot.training import confusion, curves, filters_before_after, predictions
+from convlens.plot.training import (
+    confusion,
+    curves,
+    filters_before_after,
+    predictions,
+    sample_batch,
+)
 
 __all__ = [
     "channel_stats",
@@ -28,5 +34,6 @@ __all__ = [
     "mean_maps",
     "occlusion",
     "predictions",
+    "sample_batch",
     "save_figure",
 ]

@@ -168,3 +168,34 @@ def predictions(
         )
     fig.tight_layout()
     return fig
+
+
+def sample_batch(
+    images: Sequence[torch.Tensor] | torch.Tensor,
+    labels: Sequence[int],
+    classes: Sequence[str],
+    *,
+    title: str = "",
+) -> Figure:
+    """Images (``[3, H, W]`` in [0, 1]) titled with their class: a look at the data.
+
+    Example:
+        >>> fig = convlens.plot.sample_batch(imgs, labels, train.classes)
+    """
+    n = len(images)
+    if n == 0 or n != len(labels):
+        raise ValueError("need one label per image (at least one image)")
+    rows, cols = grid_shape(n, max_cols=6)
+    fig = new_figure(2.1 * cols, 2.2 * rows + (0.3 if title else 0))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        hide_ticks(ax)
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        ax.imshow(to_numpy_image(images[i]))
+        ax.set_title(str(classes[int(labels[i])]), fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
