@@ -148,6 +148,17 @@ def main() -> None:
         for t, s_, p in zip(steps, times, per):
             print(f"{name} {t:>4} steps: {s_:8.1f} s, mean objective {float(p.mean()):.3f}")
 
+    # -- batching: ten channels in one batch vs one channel at a time (16 steps) ---------
+    one = render(bundle, f"{LAYER}:0", size=args.size, steps=16, seed=args.seed, progress=False)
+    ten = render(bundle, objective, size=args.size, steps=16, seed=args.seed, progress=False)
+    batching = {
+        "one_channel_s": round(one.times[-1], 2),
+        "ten_one_by_one_s": round(10 * one.times[-1], 2),
+        "ten_in_one_batch_s": round(ten.times[-1], 2),
+        "speedup": round(10 * one.times[-1] / ten.times[-1], 2),
+    }
+    print(f"batching (16 steps): {batching}")
+
     # -- the comparison ---------------------------------------------------------------------
     table = []
     base = lucent_rows.get("lucent")
@@ -187,6 +198,7 @@ def main() -> None:
         "versions": versions(),
         "convlens": convlens_row,
         **lucent_rows,
+        "batching": batching,
         "table": table,
     }
     path = write_json(args.out / f"featurevis_{dev.type}.json", doc)
