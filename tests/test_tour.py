@@ -157,3 +157,31 @@ def test_user_strings_are_escaped(tmp_path: Path, home: Path):
     html = (out / "report.html").read_text()
     assert "<img src=x onerror" not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_cli_passes_its_options_and_fails_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from click.testing import CliRunner
+
+    from convlens.cli import main
+
+    seen = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+        return kwargs["out"] / "report.html"
+
+    monkeypatch.setattr(tour_mod, "tour", fake)
+    args = ["tour", "--quick", "--image", "a.jpg", "b.jpg", "--epochs", "2", "--steps", "5"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path), "--force", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert seen["quick"] and seen["images"] == ["a.jpg", "b.jpg"] and seen["force"]
+    assert (seen["epochs"], seen["steps"], seen["device"]) == (2, 5, "cpu")
+    assert f"wrote {tmp_path / 'report.html'}" in r.stdout
+    monkeypatch.undo()
+    r = CliRunner().invoke(
+        main, ["tour", "--image", str(tmp_path / "nope.jpg"), "--out", str(tmp_path)]
+    )
+    assert r.exit_code == 2 and "cannot load image" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

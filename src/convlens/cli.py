@@ -903,8 +903,10 @@ def report_cmd(folder: Path, out: Path | None) -> None:
     "--image",
     "images",
     multiple=True,
-    help="Your image (repeat for more; default: the bundled sample photo).",
+    help="Your image; more may follow it (--image a.jpg b.jpg). Default: the bundled "
+    "sample photo.",
 )
+@click.argument("more_images", nargs=-1, metavar="[IMG]...")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs.")
 @click.option(
     "--steps", type=click.IntRange(min=1), default=None, help="Feature-visualization steps."
@@ -920,6 +922,7 @@ def tour_cmd(
     data_spec: str | None,
     model_spec: str | None,
     images: tuple[str, ...],
+    more_images: tuple[str, ...],
     epochs: int | None,
     steps: int | None,
     seed: int,
@@ -936,7 +939,7 @@ def tour_cmd(
         quick=quick,
         data=data_spec,
         model=model_spec,
-        images=list(images),
+        images=[*images, *more_images],
         epochs=epochs,
         steps=steps,
         out=out,
