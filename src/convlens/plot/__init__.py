@@ -12,6 +12,7 @@ from convlens.plot.featurevis import feature_vis
 from convlens.plot.filters import filter_grid, kernels
 from convlens.plot.images import channels
 from convlens.plot.occlusion import occlusion
+from convlens.plot.sensitivity import sensitivity
 from convlens.plot.training import (
     confusion,
     curves,
@@ -36,4 +37,5 @@ __all__ = [
     "predictions",
     "sample_batch",
     "save_figure",
+    "sensitivity",
 ]

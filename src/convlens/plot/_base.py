@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,14 @@ from matplotlib.figure import Figure
 
 from convlens._io import atomic_open
 
-__all__ = ["grid_shape", "hide_ticks", "new_figure", "save_figure", "to_numpy_image"]
+__all__ = [
+    "grid_shape",
+    "hide_ticks",
+    "image_grid",
+    "new_figure",
+    "save_figure",
+    "to_numpy_image",
+]
 
 
 def new_figure(width: float, height: float, **kwargs: Any) -> Figure:
@@ -59,3 +67,33 @@ def to_numpy_image(img: torch.Tensor) -> Any:
     elif t.ndim != 2:
         raise ValueError(f"expected an image [3, H, W] or [H, W], got {list(img.shape)}")
     return t.clamp(0, 1).numpy() if t.ndim == 3 else t.numpy()
+
+
+def image_grid(
+    images: Sequence[torch.Tensor] | torch.Tensor,
+    titles: Sequence[str],
+    *,
+    colors: Sequence[str] | None = None,
+    max_cols: int = 6,
+    panel: tuple[float, float] = (2.2, 2.4),
+    fontsize: int = 8,
+    suptitle: str = "",
+) -> Figure:
+    """Images (``[3, H, W]`` in [0, 1]) in a near-square grid, each with its title."""
+    n = len(images)
+    if n == 0 or n != len(titles):
+        raise ValueError("need one title per image (at least one image)")
+    rows, cols = grid_shape(n, max_cols=max_cols)
+    fig = new_figure(panel[0] * cols, panel[1] * rows + (0.4 if suptitle else 0))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        hide_ticks(ax)
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        ax.imshow(to_numpy_image(images[i][:3]))
+        ax.set_title(titles[i], fontsize=fontsize, color=colors[i] if colors else "black")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=fontsize + 1)
+    fig.tight_layout()
+    return fig

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from convlens.plot._base import grid_shape, hide_ticks, new_figure, to_numpy_image
+from convlens.plot._base import hide_ticks, image_grid, new_figure
 
-__all__ = ["confusion", "curves", "filters_before_after", "predictions"]
+__all__ = ["confusion", "curves", "filters_before_after", "predictions", "sample_batch"]
 
 
 def curves(history: Sequence[Mapping[str, Any]], *, title: str = "") -> Figure:
@@ -151,23 +151,12 @@ def predictions(
     n = len(images)
     if not (n == len(true) == len(predicted)) or n == 0:
         raise ValueError("need as many true and predicted labels as images (at least one)")
-    rows, cols = grid_shape(n, max_cols=6)
-    fig = new_figure(2.2 * cols, 2.4 * rows)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        hide_ticks(ax)
-        if i >= n:
-            ax.set_axis_off()
-            continue
-        ax.imshow(to_numpy_image(images[i]))
-        ok = int(true[i]) == int(predicted[i])
-        ax.set_title(
-            f"pred: {classes[int(predicted[i])]}\ntrue: {classes[int(true[i])]}",
-            fontsize=8,
-            color="#2f855a" if ok else "#c53030",
-        )
-    fig.tight_layout()
-    return fig
+    ok = [int(t) == int(p) for t, p in zip(true, predicted)]
+    return image_grid(
+        images,
+        [f"pred: {classes[int(p)]}\ntrue: {classes[int(t)]}" for t, p in zip(true, predicted)],
+        colors=["#2f855a" if good else "#c53030" for good in ok],
+    )
 
 
 def sample_batch(
@@ -182,20 +171,7 @@ def sample_batch(
     Example:
         >>> fig = convlens.plot.sample_batch(imgs, labels, train.classes)
     """
-    n = len(images)
-    if n == 0 or n != len(labels):
+    if len(images) != len(labels):
         raise ValueError("need one label per image (at least one image)")
-    rows, cols = grid_shape(n, max_cols=6)
-    fig = new_figure(2.1 * cols, 2.2 * rows + (0.3 if title else 0))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        hide_ticks(ax)
-        if i >= n:
-            ax.set_axis_off()
-            continue
-        ax.imshow(to_numpy_image(images[i]))
-        ax.set_title(str(classes[int(labels[i])]), fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    titles = [str(classes[int(label)]) for label in labels]
+    return image_grid(images, titles, panel=(2.1, 2.2), fontsize=9, suptitle=title)
