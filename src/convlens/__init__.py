@@ -16,6 +16,7 @@ from convlens.analysis.activations import channel_stats, mean_map, normalize_map
 from convlens.analysis.featurevis import RenderResult, objectives, render
 from convlens.analysis.filters import filter_responses, selectivity
 from convlens.analysis.occlusion import OcclusionResult, occlude
+from convlens.analysis.sensitivity import SensitivityResult, sensitivity
 from convlens.capture import capture
 from convlens.classify import Prediction, classify
 from convlens.device import resolve_device
@@ -43,6 +44,7 @@ __all__ = [
     "OcclusionResult",
     "Prediction",
     "RenderResult",
+    "SensitivityResult",
     "SimpleCNN",
     "TrainResult",
     "__version__",
@@ -63,6 +65,7 @@ __all__ = [
     "resolve_device",
     "sample_image",
     "selectivity",
+    "sensitivity",
     "tour",
     "train",
 ]
