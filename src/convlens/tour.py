@@ -12,7 +12,8 @@ assembles ``DIR/report.json`` and the self-contained ``DIR/report.html``
    confusion matrix);
 5. ``conv1``: the first layer's filters before and after training;
 6. ``depth``: activations by depth (mean maps, the conv1 feature-map grid);
-7. ``spatial``: the spatial experiment (a box blacked out; ``inside_fraction`` per layer);
+7. ``spatial``: the spatial experiment (a box blacked out; ``inside_fraction`` per layer)
+   and the whole sensitivity map of the top class beside it;
 8. ``pretrained``: a pretrained model (top-5, early vs deep feature maps);
 9. ``featurevis``: feature visualization of the first 10 channels of the course's layer;
 10. ``summary``: the course's questions with the numbers found.
@@ -65,7 +66,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("featurevis", "9. Feature visualization"),
     ("summary", "10. Summary"),
 )
-_FORMAT = 1  # bump when a section's JSON changes meaning: old caches are recomputed
+_FORMAT = 2  # bump when a section's JSON changes meaning: old caches are recomputed
 
 
 @dataclass
@@ -483,15 +484,35 @@ def _spatial(ctx: _Ctx) -> dict[str, Any]:
     )
     rows = [[layer, _r(ch.inside_fraction), _r(ch.area_fraction)] for layer, ch in r.layers.items()]
     first, last = layers[0], layers[-1]
+    # The whole map: every 32 px window (stride 16), the drop of the top-1 class score.
+    from convlens.analysis.sensitivity import sensitivity
+    from convlens.plot import sensitivity as sensitivity_figure
+
+    with torch.no_grad():
+        top = int(bundle.model(x.unsqueeze(0).to(ctx.device)).argmax(1))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        smap = sensitivity(bundle, x, top, window=32, stride=16, progress=False)
+    peak = int(smap.map.argmax())
+    py, px = divmod(peak, smap.map.shape[1])
+    label = bundle.labels[top] if bundle.labels and top < len(bundle.labels) else str(top)
     return {
         "intro": (
             f"A box {ctx.cfg.box} (top, bottom, left, right) of {name} is blacked out and "
             f"{bundle.name}'s activations are compared with the original. inside_fraction "
             "is the share of each layer's change that stays inside the box: early layers "
             f"keep it there ({first}: {r.layers[first].inside_fraction:.2f}), deep layers "
-            f"spread it ({last}: {r.layers[last].inside_fraction:.2f})."
+            f"spread it ({last}: {r.layers[last].inside_fraction:.2f}).\n\n"
+            f"The whole map (Zeiler and Fergus): a 32 px window slid over every position "
+            f"(stride 16), and how much the score of the top class, {label}, drops each "
+            "time. Red: hiding that part lowers the score."
         ),
-        "figures": [ctx.save(occlusion(r), "spatial_occlusion.png")],
+        "figures": [
+            ctx.save(occlusion(r), "spatial_occlusion.png"),
+            ctx.save(sensitivity_figure(smap), "spatial_sensitivity.png"),
+        ],
         "tables": [
             {
                 "caption": "Where the change goes",
@@ -499,7 +520,16 @@ def _spatial(ctx: _Ctx) -> dict[str, Any]:
                 "rows": rows,
             }
         ],
-        "numbers": {"model": bundle.description, "box": list(ctx.cfg.box)},
+        "numbers": {
+            "model": bundle.description,
+            "box": list(ctx.cfg.box),
+            "top class": f"{label} ({top})",
+            "top class score": _r(smap.score),
+            "largest drop": _r(float(smap.map.max())),
+            "window with the largest drop (top, left)": [smap.ys[py], smap.xs[px]],
+            "sensitivity seconds": round(smap.seconds, 2),
+        },
+        "notes": [str(w.message) for w in caught],
     }
 
 
