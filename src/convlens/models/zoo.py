@@ -62,6 +62,7 @@ __all__ = [
     "default_layers",
     "list_models",
     "load_model",
+    "model_and_bundle",
     "torchvision_names",
 ]
 
@@ -766,6 +767,27 @@ def load_model(
             raise _unknown_model(s)
     bundle.model.to(dev).eval()
     return bundle
+
+
+def model_and_bundle(model: ModelBundle | nn.Module) -> tuple[nn.Module, ModelBundle | None]:
+    """The network to run (DataParallel wrappers removed) and its bundle, if it came in one:
+    what every compute function that takes "a ModelBundle or a bare nn.Module" starts with.
+
+    Example:
+        >>> net, bundle = model_and_bundle(load_model("simple_cnn"))
+        >>> type(net).__name__, bundle.name
+        ('SimpleCNN', 'simple_cnn')
+    """
+    from convlens.models.layers import unwrap
+
+    if isinstance(model, ModelBundle):
+        return unwrap(model.model), model
+    if isinstance(model, nn.Module):
+        return unwrap(model), None
+    raise TypeError(
+        f"model is a ModelBundle (convlens.load_model) or a torch.nn.Module, "
+        f"got {type(model).__name__}"
+    )
 
 
 def as_batch(bundle: ModelBundle, images: Sequence[torch.Tensor]) -> torch.Tensor:

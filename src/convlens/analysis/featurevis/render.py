@@ -36,7 +36,7 @@ from convlens.analysis.featurevis.param import ImageParam
 from convlens.capture import _expected_calls, _StopForward, model_device
 from convlens.device import DeviceLike, resolve_device
 from convlens.errors import ConvlensError
-from convlens.models.layers import LayerRef, evaluating, find_layers, unwrap
+from convlens.models.layers import LayerRef, evaluating, find_layers
 
 __all__ = ["RenderResult", "default_objective", "featurevis_layer", "render", "score"]
 
@@ -100,16 +100,9 @@ class RenderResult:
 
 
 def _model_and_bundle(model: Any) -> tuple[nn.Module, Any]:
-    from convlens.models.zoo import ModelBundle
+    from convlens.models.zoo import model_and_bundle
 
-    if isinstance(model, ModelBundle):
-        return unwrap(model.model), model
-    if isinstance(model, nn.Module):
-        return unwrap(model), None
-    raise TypeError(
-        f"model is a ModelBundle (convlens.load_model) or a torch.nn.Module, "
-        f"got {type(model).__name__}"
-    )
+    return model_and_bundle(model)
 
 
 def _normalizer(
