@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -249,9 +250,15 @@ def _fresh(out: Any, inp: torch.Tensor) -> bool:
     )
 
 
-def _nbytes(state: Any) -> int:
-    v = state.data if isinstance(state, _Patch) else getattr(state, "value", state)
-    return int(v.nbytes) if isinstance(v, torch.Tensor) else 0
+def _live_bytes(states: Iterable[Any]) -> int:
+    """Bytes held by the tensors of ``states``, each storage counted once."""
+    seen: dict[int, int] = {}
+    for st in states:
+        v = st.data if isinstance(st, _Patch) else getattr(st, "value", st)
+        if isinstance(v, torch.Tensor):
+            storage = v.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -394,14 +401,14 @@ class IncrementalRunner:
         self.last_use = self._last_uses()
         members = set(self.nodes)
         self.users = {n: [u for u in n.users if u in members] for n in self.nodes}
-        self._folded_bn: set[fx.Node] = set()
-        self.folds = self._find_bn_folds()
         self.cache: dict[fx.Node, Any] = {}
         self.notices: list[str] = []
         self._padded: dict[tuple[Any, ...], tuple[torch.Tensor, tuple[int, ...]]] = {}
         self._noticed: set[str] = set()
         self.threads = torch.get_num_threads()
-        self.bytes_made = 0  # bytes of the values run_windows made (sizes auto batches)
+        self._local = threading.local()  # per-call state: run_windows may run in threads
+        self._lock = threading.Lock()
+        self._affine: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- graph helpers
 
@@ -423,37 +430,6 @@ class IncrementalRunner:
             if any(a in dirty for a in n.all_input_nodes):
                 dirty.add(n)
         return dirty
-
-    def _find_bn_folds(self) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
-        """Convolutions whose only reader is an eval BatchNorm: the BatchNorm folded into
-        their weights (``{conv node: (weight, bias)}``); the BatchNorm node then passes
-        the convolution's patch through. Same numbers up to float32 round-off."""
-        folds: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
-        for n in self.nodes:
-            if n.op != "call_module" or n is self.result_node or n not in self.dirty:
-                continue
-            conv = self.modules[str(n.target)]
-            users = self.users[n]
-            if not isinstance(conv, nn.Conv2d) or len(users) != 1 or len(n.users) != 1:
-                continue
-            bn_node = users[0]
-            if bn_node.op != "call_module" or len(bn_node.args) != 1 or bn_node.kwargs:
-                continue
-            bn = self.modules[str(bn_node.target)]
-            if not isinstance(bn, nn.BatchNorm2d) or not self._eval_bn(bn):
-                continue
-            assert bn.running_mean is not None and bn.running_var is not None
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias
-            weight = conv.weight * scale.view(-1, 1, 1, 1)
-            bias = shift if conv.bias is None else conv.bias * scale + shift
-            folds[n] = (weight.detach(), bias.detach())
-            self._folded_bn.add(bn_node)
-        return folds
 
     def _last_uses(self) -> dict[fx.Node, int]:
         last: dict[fx.Node, int] = {}
@@ -575,11 +551,18 @@ class IncrementalRunner:
     # ---- the incremental pass
 
     def run_windows(
-        self, boxes: Sequence[tuple[int, int, int, int]], baseline: torch.Tensor
-    ) -> Any:
+        self,
+        boxes: Sequence[tuple[int, int, int, int]],
+        baseline: torch.Tensor,
+        *,
+        threads: int | None = None,
+    ) -> tuple[Any, int]:
         """The result node's value for each occluded copy of the input: window ``b`` replaces
-        ``x[..., y0:y1, x0:x1]`` by ``baseline`` there. Returns a :class:`_Patch`, a
-        :class:`_Batched` or a constant.
+        ``x[..., y0:y1, x0:x1]`` by ``baseline`` there. Returns that value (a
+        :class:`_Patch`, a :class:`_Batched` or a constant) and the most bytes the call
+        held at once (its values and the largest convolution input), which sizes
+        automatic batches. ``threads``: CPU threads for the convolutions (default: as
+        many as when the runner was made). Safe to call from several threads at once.
 
         Everything but the convolutions and pools runs on one CPU thread: gathers, pastes
         and pointwise ops on patches are small and memory-bound, and on a busy CPU a
@@ -595,6 +578,9 @@ class IncrementalRunner:
                 full_cache[a] = self.full_value(a, env[a], B)
             return full_cache[a]
 
+        self._local.temp = 0
+        self._local.threads = threads or self.threads
+        peak = 0
         with _threads(1, self.x.device):
             for i, n in enumerate(self.nodes):
                 if n not in self.dirty:
@@ -603,14 +589,15 @@ class IncrementalRunner:
                     env[n] = self._input_patch(boxes, baseline)
                 else:
                     env[n] = self._step(n, env, B, full)
-                self.bytes_made += _nbytes(env[n])
                 for a in n.all_input_nodes:  # free what no later node reads
                     if self.last_use.get(a) == i and a is not self.result_node:
                         env.pop(a, None)
                         full_cache.pop(a, None)
+                live = _live_bytes([*env.values(), *full_cache.values()])
+                peak = max(peak, live + self._local.temp)
         if self.result_node not in self.dirty:
-            return self.cache[self.result_node]
-        return env[self.result_node]
+            return self.cache[self.result_node], peak
+        return env[self.result_node], peak
 
     def _input_patch(
         self, boxes: Sequence[tuple[int, int, int, int]], baseline: torch.Tensor
@@ -633,7 +620,9 @@ class IncrementalRunner:
         return _Patch(torch.where(inside[:, None], fill, orig), ys, xs, owned=True)
 
     def _notice(self, node: fx.Node, what: str) -> None:
-        if what not in self._noticed:
+        with self._lock:
+            if what in self._noticed:
+                return
             self._noticed.add(what)
             self.notices.append(
                 f"cannot bound the region that {what} changes: recomputing it, and what "
@@ -689,8 +678,12 @@ class IncrementalRunner:
                     return self._pool(n, first, st, mod)
                 if isinstance(mod, nn.AvgPool2d) and self._avgpool_ok(mod, n, first):
                     return self._pool(n, first, st, mod)
-                if n in self._folded_bn:  # already applied by the convolution before it
-                    return st
+                if self._eval_bn(mod) and self._may_overwrite(first, st):
+                    scale, shift = self._bn_affine(mod)
+                    # One in-place pass (no new tensor); equal to batch_norm up to
+                    # float32 round-off.
+                    data = torch.addcmul(shift, st.data, scale, out=st.data)
+                    return _Patch(data, st.ys, st.xs, owned=True)
                 if isinstance(mod, _POINTWISE_MODULES) or self._eval_bn(mod):
                     data = st.data
                     if getattr(mod, "inplace", False) and not self._may_overwrite(first, st):
@@ -733,6 +726,23 @@ class IncrementalRunner:
         """Whether ``node``'s patch may be changed in place: its own tensor, read by no
         one else, and not the result."""
         return st.owned and len(self.users[node]) == 1 and node is not self.result_node
+
+    def _bn_affine(self, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """An eval BatchNorm as ``x * scale + shift`` (``[1, C, 1, 1]`` each), cached."""
+        with self._lock:
+            got = self._affine.get(bn)
+            if got is None:
+                assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+                assert bn.running_mean is not None and bn.running_var is not None
+                scale = torch.rsqrt(bn.running_var + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight
+                shift = -bn.running_mean * scale
+                if bn.bias is not None:
+                    shift = shift + bn.bias
+                got = (scale.detach().view(1, -1, 1, 1), shift.detach().view(1, -1, 1, 1))
+                self._affine[bn] = got
+            return got
 
     @staticmethod
     def _eval_bn(mod: nn.Module) -> bool:
@@ -785,9 +795,18 @@ class IncrementalRunner:
         d: tuple[int, int],
         pad_value: float,
         fn: Callable[[torch.Tensor], torch.Tensor],
+        whole: Callable[[torch.Tensor], torch.Tensor],
     ) -> _Patch:
+        """A convolution or pool on each window's region: ``fn`` runs on the receptive
+        field of the outputs the window can change (padding taken from ``pad_value``);
+        ``whole`` is the layer itself, for when the window changes every output."""
         ref = self.cache[n]
         out = self._out_box(st, (int(ref.shape[-2]), int(ref.shape[-1])), k, s, p, d)
+        H, W = (int(v) for v in self.cache[src].shape[-2:])
+        if (st.h, st.w, out.h, out.w) == (H, W, *ref.shape[-2:]):
+            # Every window changes the whole map: the layer itself, padding and all.
+            with _threads(self._local.threads, st.data.device):
+                return _Patch(whole(st.data), out.ys, out.xs, owned=True)
         in_box = _Box(
             [y * s[0] - p[0] for y in out.ys],
             [x * s[1] - p[1] for x in out.xs],
@@ -795,9 +814,10 @@ class IncrementalRunner:
             (out.w - 1) * s[1] + d[1] * (k[1] - 1) + 1,
         )
         region = self.region(src, st, in_box, pad_value)
+        self._local.temp = max(self._local.temp, int(region.nbytes))
         # Data movement and pointwise work run on one thread (memory-bound; see
         # run_windows); the convolution itself gets every thread.
-        with _threads(self.threads, region.device):
+        with _threads(self._local.threads, region.device):
             data = fn(region)
         return _Patch(data, out.ys, out.xs, owned=True)
 
@@ -808,12 +828,10 @@ class IncrementalRunner:
         else:
             p = _pair(mod.padding)
 
-        weight, bias = self.folds.get(n, (mod.weight, mod.bias))
-
         def conv(t: torch.Tensor) -> torch.Tensor:
-            return F.conv2d(t, weight, bias, s, 0, d, mod.groups)
+            return F.conv2d(t, mod.weight, mod.bias, s, 0, d, mod.groups)
 
-        return self._window_op(n, src, st, k, s, p, d, 0.0, conv)  # type: ignore[arg-type]
+        return self._window_op(n, src, st, k, s, p, d, 0.0, conv, mod)  # type: ignore[arg-type]
 
     def _pool(self, n: fx.Node, src: fx.Node, st: _Patch, mod: nn.Module) -> _Patch:
         k = _pair(mod.kernel_size)
@@ -825,7 +843,7 @@ class IncrementalRunner:
             def pool(t: torch.Tensor) -> torch.Tensor:
                 return F.max_pool2d(t, k, s, 0, d)
 
-            return self._window_op(n, src, st, k, s, p, d, -math.inf, pool)
+            return self._window_op(n, src, st, k, s, p, d, -math.inf, pool, mod)
 
         assert isinstance(mod, nn.AvgPool2d)
         divisor = mod.divisor_override
@@ -833,7 +851,7 @@ class IncrementalRunner:
         def avg(t: torch.Tensor) -> torch.Tensor:
             return F.avg_pool2d(t, k, s, 0, False, True, divisor)
 
-        return self._window_op(n, src, st, k, s, p, (1, 1), 0.0, avg)
+        return self._window_op(n, src, st, k, s, p, (1, 1), 0.0, avg, mod)
 
     # ---- elementwise
 

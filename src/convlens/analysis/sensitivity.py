@@ -18,6 +18,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,9 +44,7 @@ Method = Literal["incremental", "naive"]
 METHODS = ("incremental", "naive")
 
 #: Memory the windows of one batch may take when ``batch_size="auto"`` (CPU).
-AUTO_BUDGET_BYTES = 256 * 2**20
-#: Windows per batch of the first (measuring) batch of the incremental method.
-_FIRST_BATCH = 16
+AUTO_BUDGET_BYTES = 128 * 2**20
 
 
 # ------------------------------------------------------------------------ inputs
@@ -277,11 +276,17 @@ class SensitivityResult:
 
 
 def _auto_batch(per_window: float, n: int, device: torch.device) -> int:
+    """Windows per batch within the memory budget, evened out so the last batch is not a
+    small remainder."""
     budget = AUTO_BUDGET_BYTES
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         budget = int(min(4 * 2**30, free // 4))
-    return max(1, min(n, int(budget // max(per_window, 1.0))))
+    if n <= 0:
+        return 1
+    most = max(1, min(n, int(budget // max(per_window, 1.0))))
+    batches = math.ceil(n / most)
+    return math.ceil(n / batches)
 
 
 def _read(value: Any, target: Target) -> torch.Tensor:
@@ -337,6 +342,46 @@ class _Naive:
         calls = trace_calls(self.model, (1, *self.x.shape))
         sizes = [math.prod(s) for shapes in calls.values() for s in shapes if s is not None]
         return 4.0 * 4 * max(sizes, default=self.x.numel())
+
+
+def _incremental_scores(
+    runner: Any,
+    boxes: Sequence[tuple[int, int, int, int]],
+    base: torch.Tensor,
+    target: Target,
+    threads: int | None,
+) -> tuple[torch.Tensor, int]:
+    state, peak = runner.run_windows(boxes, base, threads=threads)
+    if target.layer is None:
+        return _read(runner.full_value(runner.result_node, state, len(boxes)), target), peak
+    value = runner.full_value(runner.result_node, state, len(boxes), target.index)
+    return value[:, 0:1].reshape(len(boxes), -1).float().mean(dim=1), peak
+
+
+def _window_parallel(
+    runner: Any, boxes: Sequence[tuple[int, int, int, int]], base: torch.Tensor, target: Target
+) -> tuple[torch.Tensor, int]:
+    """Scores for a batch of windows. On a CPU with T threads the batch is split in T
+    parts run side by side, each on one thread (window parallelism): no op waits for
+    another thread, so the many small copies and pointwise ops of incremental inference
+    scale, and a busy CPU slows them no more than it slows the convolutions."""
+    workers = torch.get_num_threads() if base.device.type == "cpu" else 1
+    if workers <= 1 or len(boxes) < 2 * workers:
+        return _incremental_scores(runner, boxes, base, target, None)
+    size = math.ceil(len(boxes) / workers)
+    parts = [boxes[i : i + size] for i in range(0, len(boxes), size)]
+
+    def work(part: Sequence[tuple[int, int, int, int]]) -> tuple[torch.Tensor, int]:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            return _incremental_scores(runner, part, base, target, 1)
+
+    try:
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="convlens-sensitivity") as ex:
+            outs = list(ex.map(work, parts))
+    finally:
+        torch.set_num_threads(workers)
+    return torch.cat([o[0] for o in outs]), sum(o[1] for o in outs)
 
 
 def _check_single_call(model: nn.Module, x: torch.Tensor, target: Target) -> None:
@@ -429,7 +474,7 @@ def sensitivity(
     each with a one-line warning. ``approximate=tau`` (0 < tau <= 1) caps the recomputed
     region of every layer at ``tau`` of its height and width: faster, **not exact**
     (``result.exact`` is then False). ``batch_size``: windows per forward; ``"auto"``
-    fits a memory budget (256 MiB on a CPU, a quarter of the free memory on a GPU).
+    fits a memory budget (128 MiB on a CPU, a quarter of the free memory on a GPU).
 
     The forward runs in eval mode under ``no_grad``; training flags are restored and no
     hook is left behind. ``device``: ``None`` runs where the model is; otherwise the model
@@ -515,7 +560,6 @@ def sensitivity(
         else:
             naive = _Naive(net, x, tgt)
             score0 = float(naive.scores(x.unsqueeze(0))[0])
-        done = 0
         bs = batch_size if isinstance(batch_size, int) else None
         if bs is None and runner is None:
             bs = _auto_batch(naive.per_window_bytes(), len(boxes), dev)
@@ -527,25 +571,27 @@ def sensitivity(
             unit="window",
             disable=None if progress is None else not progress,
         ) as bar:
-            while done < len(boxes):
-                n = bs if bs is not None else min(_FIRST_BATCH, len(boxes))
-                chunk = boxes[done : done + n]
+            order = list(range(len(boxes)))
+            if bs is None and runner is not None:
+                # Measure one window from the middle (as large as windows get) alone;
+                # size the batches for the others from what it held.
+                probe = len(boxes) // 2
+                got, peak = _window_parallel(runner, [boxes[probe]], base, tgt)
+                scores[probe] = got.float().cpu()[0]
+                bar.update(1)
+                order.remove(probe)
+                # peak counts the values held; temporaries (gathers, the operands of
+                # sums) about double it (measured on resnet18).
+                bs = _auto_batch(2.5 * peak, len(order), dev)
+            assert bs is not None
+            for start in range(0, len(order), bs):
+                idx = order[start : start + bs]
+                chunk = [boxes[i] for i in idx]
                 if runner is not None:
-                    runner.bytes_made = 0
-                    state = runner.run_windows(chunk, base)
-                    channel = tgt.index if tgt.layer is not None else None
-                    value = runner.full_value(runner.result_node, state, len(chunk), channel)
-                    if channel is not None:
-                        value = value[:, 0:1]
-                        got = value.reshape(len(chunk), -1).float().mean(dim=1)
-                    else:
-                        got = _read(value, tgt)
-                    if bs is None:  # size the other batches from this one
-                        bs = _auto_batch(runner.bytes_made / len(chunk), len(boxes), dev)
+                    got, _ = _window_parallel(runner, chunk, base, tgt)
                 else:
                     got = naive.scores(_occluded_batch(x, base, chunk))
-                scores[done : done + len(chunk)] = got.float().cpu()
-                done += len(chunk)
+                scores[idx] = got.float().cpu()
                 bar.update(len(chunk))
         if runner is not None:
             notices.extend(runner.notices)
