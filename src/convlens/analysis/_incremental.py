@@ -351,16 +351,19 @@ def _gather(src: torch.Tensor, box: _Box, margins: tuple[int, int]) -> torch.Ten
 
 def _paste(out: torch.Tensor, box: _Box, patch: _Patch) -> torch.Tensor:
     """Write each window's patch over ``out`` (values on ``box``) where they overlap, in
-    place."""
+    place: one copy when the patch sits at the same place in every box, else one per
+    window."""
     ph, pw = patch.h, patch.w
-    dst = out.permute(0, 2, 3, 1)
+    dst = out.permute(0, 2, 3, 1)  # [B, h, w, C] views: rows of C contiguous values
     src = patch.data.permute(0, 2, 3, 1)
-    for b, (py, px, y, x) in enumerate(zip(patch.ys, patch.xs, box.ys, box.xs)):
-        dy, dx = py - y, px - x
+    offsets = [(py - y, px - x) for py, px, y, x in zip(patch.ys, patch.xs, box.ys, box.xs)]
+    whole = len(set(offsets)) == 1
+    for b, (dy, dx) in enumerate(offsets[:1] if whole else offsets):
         r0, r1 = max(0, dy), min(box.h, dy + ph)
         c0, c1 = max(0, dx), min(box.w, dx + pw)
         if r0 < r1 and c0 < c1:
-            dst[b, r0:r1, c0:c1] = src[b, r0 - dy : r1 - dy, c0 - dx : c1 - dx]
+            pick = slice(None) if whole else b
+            dst[pick, r0:r1, c0:c1] = src[pick, r0 - dy : r1 - dy, c0 - dx : c1 - dx]
     return out
 
 
