@@ -208,6 +208,20 @@ def test_resnet18_layer_target_matches_naive(resnet18):
     assert a.score == pytest.approx(b.score, abs=1e-6)
 
 
+def test_bottleneck_and_grouped_resnet_exact():
+    # Bottleneck blocks (1x1, 3x3, 1x1, downsample) with grouped 3x3 convs, ResNeXt style.
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(0)
+    net = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=5, groups=2, width_per_group=16).eval()
+    x = torch.randn(3, 64, 56, generator=torch.Generator().manual_seed(12))
+    a = _no_warnings(sensitivity, net, x, 4, window=16, stride=12)
+    b = _no_warnings(sensitivity, net, x, 4, window=16, stride=12, method="naive")
+    assert a.method == "incremental"
+    assert float((a.map - b.map).abs().max()) < 1e-5
+    assert float(b.map.abs().max()) > 1e-4
+
+
 @pytest.mark.parametrize("fill", ["zero", "mean", "blur", "black"])
 def test_fills_incremental_equals_naive(fill):
     torch.manual_seed(0)
