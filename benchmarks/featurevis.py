@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--steps", default="16,64,256", help="Lucent's step counts")
     ap.add_argument("--channels", type=int, default=10)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--every", type=int, default=4, help="convlens records every N steps")
+    ap.add_argument("--every", type=int, default=2, help="convlens records every N steps")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each tool")
