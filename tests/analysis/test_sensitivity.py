@@ -313,6 +313,35 @@ def test_module_it_cannot_bound_is_recomputed_in_full_with_a_notice():
     assert float((r.map - ref.map).abs().max()) < 1e-5
 
 
+class Flippy(nn.Module):
+    """A forward that reads a plain attribute: torch.fx bakes it into the trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+        self.double = False
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.double:
+            h = torch.relu(h) * 2
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def test_a_kept_trace_that_went_stale_is_retraced():
+    torch.manual_seed(0)
+    net = Flippy().eval()
+    x = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(13))
+    first = _no_warnings(sensitivity, net, x, 0, window=8, stride=4)
+    net.double = True  # the kept trace no longer matches the model's forward
+    second = _no_warnings(sensitivity, net, x, 0, window=8, stride=4)
+    ref = sensitivity(net, x, 0, window=8, stride=4, method="naive")
+    assert second.method == "incremental"
+    assert float((second.map - ref.map).abs().max()) < 1e-6
+    assert float((second.map - first.map).abs().max()) > 1e-4
+
+
 def test_approximate_is_labelled_and_close_on_resnet(resnet18):
     x = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(9))
     exact = sensitivity(resnet18, x, 3, window=16, stride=16)

@@ -30,6 +30,7 @@ import contextlib
 import math
 import operator
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,8 +81,26 @@ class Traced:
     module_outputs: dict[str, list[fx.Node]]
 
 
-def trace_model(model: nn.Module) -> Traced:
-    """Symbolically trace ``model``; :class:`Unsupported` if fx cannot."""
+# model -> (its modules by name and identity, the trace); see trace_model.
+_TRACES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], Traced]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def trace_model(model: nn.Module, *, cached: bool = True) -> Traced:
+    """Symbolically trace ``model``; :class:`Unsupported` if fx cannot. The trace is kept
+    per model while its modules stay the same objects under the same names (callers
+    check the traced graph against the model anyway, and retrace on a mismatch)."""
+    key = tuple((name, id(m)) for name, m in model.named_modules())
+    hit = _TRACES.get(model)
+    if cached and hit is not None and hit[0] == key:
+        return hit[1]
+    traced = _trace(model)
+    _TRACES[model] = (key, traced)
+    return traced
+
+
+def _trace(model: nn.Module) -> Traced:
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
@@ -932,8 +951,22 @@ class IncrementalRunner:
         patches, whole = found
         box = self._union_box(n, env, patches, B, whole)
         hw = tuple(self.cache[n].shape[-2:])
-        args = fx.node.map_arg(n.args, lambda a: self._operand(a, env, box, hw))
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: self._operand(a, env, box, hw))
+        args: Any = fx.node.map_arg(n.args, lambda a: self._operand(a, env, box, hw))
+        kwargs: Any = fx.node.map_arg(n.kwargs, lambda a: self._operand(a, env, box, hw))
+        if n.target in (operator.add, operator.iadd, torch.add) and len(n.args) == 2:
+            for i, a in enumerate(n.args):  # a residual sum into a patch nobody else reads
+                st = env.get(a) if isinstance(a, fx.Node) else None
+                if (
+                    not n.kwargs
+                    and isinstance(st, _Patch)
+                    and (st.h, st.w, st.ys, st.xs) == (box.h, box.w, box.ys, box.xs)
+                    and self._may_overwrite(a, st)  # type: ignore[arg-type]
+                ):
+                    other = args[1 - i]
+                    if isinstance(other, torch.Tensor) and (
+                        torch.broadcast_shapes(st.data.shape, other.shape) == st.data.shape
+                    ):
+                        return _Patch(st.data.add_(other), box.ys, box.xs, owned=True)
         value = self._exec(n, args, kwargs)
         return _Patch(value, box.ys, box.xs, owned=True)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +46,11 @@ METHODS = ("incremental", "naive")
 
 #: Memory the windows of one batch may take when ``batch_size="auto"`` (CPU).
 AUTO_BUDGET_BYTES = 128 * 2**20
+# model -> {(input shape, dtype, device, window, stride, target, approximate): bytes one
+# window of incremental inference holds}, measured on the first call.
+_PER_WINDOW: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], float]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 # ------------------------------------------------------------------------ inputs
@@ -405,9 +411,20 @@ def _incremental(
     model: nn.Module, x: torch.Tensor, target: Target, approximate: float | None
 ) -> tuple[Any, Any]:
     """An :class:`IncrementalRunner` checked against the model, and the unoccluded output."""
-    from convlens.analysis._incremental import IncrementalRunner, Unsupported, trace_model
+    from convlens.analysis._incremental import Unsupported, trace_model
 
-    traced = trace_model(model)
+    traced = trace_model(model)  # kept per model; raises Unsupported if fx cannot
+    try:
+        return _checked_runner(model, traced, x, target, approximate)
+    except Unsupported:  # a kept trace may be stale (an attribute the forward reads changed)
+        return _checked_runner(model, trace_model(model, cached=False), x, target, approximate)
+
+
+def _checked_runner(
+    model: nn.Module, traced: Any, x: torch.Tensor, target: Target, approximate: float | None
+) -> tuple[Any, Any]:
+    from convlens.analysis._incremental import IncrementalRunner, Unsupported
+
     result_node = None
     if target.layer is not None:
         outs = traced.module_outputs.get(target.layer, [])
@@ -573,16 +590,21 @@ def sensitivity(
         ) as bar:
             order = list(range(len(boxes)))
             if bs is None and runner is not None:
-                # Measure one window from the middle (as large as windows get) alone;
-                # size the batches for the others from what it held.
-                probe = len(boxes) // 2
-                got, peak = _window_parallel(runner, [boxes[probe]], base, tgt)
-                scores[probe] = got.float().cpu()[0]
-                bar.update(1)
-                order.remove(probe)
-                # peak counts the values held; temporaries (gathers, the operands of
-                # sums) about double it (measured on resnet18).
-                bs = _auto_batch(2.5 * peak, len(order), dev)
+                # Measure one window from the middle (as large as windows get) alone and
+                # size the batches for the others from what it held (kept per model and
+                # geometry, so a second call skips this).
+                size_key = (tuple(x.shape), x.dtype, str(dev), win, step, tgt.spec, approximate)
+                known = _PER_WINDOW.setdefault(net, {})
+                if size_key not in known:
+                    probe = len(boxes) // 2
+                    got, peak = _window_parallel(runner, [boxes[probe]], base, tgt)
+                    scores[probe] = got.float().cpu()[0]
+                    bar.update(1)
+                    order.remove(probe)
+                    # peak counts the values held; temporaries (gathers, the operands of
+                    # sums) about double it (measured on resnet18).
+                    known[size_key] = 2.5 * peak
+                bs = _auto_batch(known[size_key], len(order), dev)
             assert bs is not None
             for start in range(0, len(order), bs):
                 idx = order[start : start + bs]
