@@ -31,7 +31,7 @@ from convlens._io import versions, write_json
 from convlens.analysis.occlusion import FILLS, Fill, apply_fill
 from convlens.capture import capture, model_device
 from convlens.device import DeviceLike, resolve_device
-from convlens.models.layers import evaluating, find_layers, parse_layer, unwrap
+from convlens.models.layers import evaluating, find_layers, parse_layer
 
 __all__ = [
     "SensitivityResult",
@@ -159,16 +159,9 @@ def attribution_from_map(
 
 
 def _model_and_bundle(model: Any) -> tuple[nn.Module, Any]:
-    from convlens.models.zoo import ModelBundle
+    from convlens.models.zoo import model_and_bundle
 
-    if isinstance(model, ModelBundle):
-        return unwrap(model.model), model
-    if isinstance(model, nn.Module):
-        return unwrap(model), None
-    raise TypeError(
-        f"model is a ModelBundle (convlens.load_model) or a torch.nn.Module, "
-        f"got {type(model).__name__}"
-    )
+    return model_and_bundle(model)
 
 
 def _baseline(
