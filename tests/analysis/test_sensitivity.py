@@ -249,11 +249,15 @@ def test_fill_values_reach_the_model():
         assert float(r.map[1, 0]) == pytest.approx(float(d), abs=1e-5)
 
 
-def test_batch_sizes_agree(resnet18):
+def test_batch_sizes_and_window_parallel_agree(resnet18):
+    # 49 windows: one at a time, all in one batch (split across the CPU threads, one part
+    # per thread), and automatic batches give the same map.
     x = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
     maps = [
-        sensitivity(resnet18, x, 1, window=32, stride=16, batch_size=b).map for b in (1, 4, "auto")
+        sensitivity(resnet18, x, 1, window=16, stride=8, batch_size=b).map for b in (1, 49, "auto")
     ]
+    assert torch.get_num_threads() == threads
     for m in maps[1:]:
         assert float((m - maps[0]).abs().max()) < 1e-5
 

@@ -46,6 +46,8 @@ METHODS = ("incremental", "naive")
 
 #: Memory the windows of one batch may take when ``batch_size="auto"`` (CPU).
 AUTO_BUDGET_BYTES = 128 * 2**20
+#: Most parts a batch is split into on a CPU (window parallelism; see _window_parallel).
+_MAX_WORKERS = 8
 # model -> {(input shape, dtype, device, window, stride, target, approximate): bytes one
 # window of incremental inference holds}, measured on the first call.
 _PER_WINDOW: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], float]] = (
@@ -364,22 +366,26 @@ def _window_parallel(
     parts run side by side, each on one thread (window parallelism): no op waits for
     another thread, so the many small copies and pointwise ops of incremental inference
     scale, and a busy CPU slows them no more than it slows the convolutions."""
-    workers = torch.get_num_threads() if base.device.type == "cpu" else 1
-    if workers <= 1 or len(boxes) < 2 * workers:
+    threads = torch.get_num_threads()
+    # At most 8 parts (their Python runs one at a time), of at least 8 windows each; with
+    # more threads than parts, each part's convolutions share the rest.
+    workers = min(threads, _MAX_WORKERS, len(boxes) // 8) if base.device.type == "cpu" else 1
+    if workers <= 1:
         return _incremental_scores(runner, boxes, base, target, None)
     size = math.ceil(len(boxes) / workers)
     parts = [boxes[i : i + size] for i in range(0, len(boxes), size)]
+    per_part = max(1, threads // len(parts))
 
     def work(part: Sequence[tuple[int, int, int, int]]) -> tuple[torch.Tensor, int]:
-        torch.set_num_threads(1)
+        torch.set_num_threads(per_part)
         with torch.no_grad():
-            return _incremental_scores(runner, part, base, target, 1)
+            return _incremental_scores(runner, part, base, target, per_part)
 
     try:
         with ThreadPoolExecutor(len(parts), thread_name_prefix="convlens-sensitivity") as ex:
             outs = list(ex.map(work, parts))
     finally:
-        torch.set_num_threads(workers)
+        torch.set_num_threads(threads)
     return torch.cat([o[0] for o in outs]), sum(o[1] for o in outs)
 
 
