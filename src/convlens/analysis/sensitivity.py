@@ -490,7 +490,8 @@ def sensitivity(
     each with a one-line warning. ``approximate=tau`` (0 < tau <= 1) caps the recomputed
     region of every layer at ``tau`` of its height and width: faster, **not exact**
     (``result.exact`` is then False). ``batch_size``: windows per forward; ``"auto"``
-    fits a memory budget (128 MiB on a CPU, a quarter of the free memory on a GPU).
+    fits a memory budget (128 MiB on a CPU; on a GPU a quarter of the free memory, at most
+    4 GiB). On a CPU each batch is split across the threads, one part per thread.
 
     The forward runs in eval mode under ``no_grad``; training flags are restored and no
     hook is left behind. ``device``: ``None`` runs where the model is; otherwise the model
