@@ -903,8 +903,7 @@ def report_cmd(folder: Path, out: Path | None) -> None:
     "--image",
     "images",
     multiple=True,
-    help="Your image; more may follow it (--image a.jpg b.jpg). Default: the bundled "
-    "sample photo.",
+    help="Your image; more may follow it (--image a.jpg b.jpg). Default: the bundled sample photo.",
 )
 @click.argument("more_images", nargs=-1, metavar="[IMG]...")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs.")
