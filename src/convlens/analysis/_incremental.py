@@ -33,7 +33,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -693,7 +693,7 @@ class IncrementalRunner:
         if n.op == "call_module":
             mod = self.modules[str(n.target)]
             if isinstance(st, _Patch) and len(n.args) == 1 and not n.kwargs:
-                assert isinstance(first, fx.Node)
+                first = cast(fx.Node, first)  # st is a _Patch only for a node argument
                 if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros":
                     return self._conv(n, first, st, mod)
                 if isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
@@ -721,7 +721,7 @@ class IncrementalRunner:
             if n.target is torch.cat:
                 return self._cat(n, env, B, full)
             if n.target is getattr and isinstance(st, _Patch):
-                assert isinstance(first, fx.Node)
+                first = cast(fx.Node, first)  # st is a _Patch only for a node argument
                 if n.args[1] == "shape":
                     return torch.Size((B, *self.cache[first].shape[1:]))
                 if n.args[1] in ("dtype", "device", "ndim"):
@@ -730,7 +730,7 @@ class IncrementalRunner:
         if n.op == "call_method":
             name = str(n.target).rstrip("_") if str(n.target).endswith("_") else str(n.target)
             if isinstance(st, _Patch):
-                assert isinstance(first, fx.Node)
+                first = cast(fx.Node, first)  # st is a _Patch only for a node argument
                 if name == "size":
                     size = torch.Size((B, *self.cache[first].shape[1:]))
                     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")

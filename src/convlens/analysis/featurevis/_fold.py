@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -47,7 +47,11 @@ def _foldable_bn(m: nn.Module) -> bool:
     if type(m) is nn.BatchNorm2d:
         return True
     # timm's BatchNormAct2d: F.batch_norm, then self.drop, then self.act
-    return type(m).__name__ == "BatchNormAct2d" and hasattr(m, "drop") and hasattr(m, "act")
+    return (
+        type(m).__name__ == "BatchNormAct2d"
+        and isinstance(getattr(m, "drop", None), nn.Module)
+        and isinstance(getattr(m, "act", None), nn.Module)
+    )
 
 
 def _foldable_conv(m: nn.Module) -> bool:
@@ -58,9 +62,8 @@ def _foldable_conv(m: nn.Module) -> bool:
 def _after(bn: nn.Module) -> nn.Module:
     if type(bn) is nn.BatchNorm2d:
         return nn.Identity()
-    drop, act = bn.drop, bn.act
-    assert isinstance(drop, nn.Module) and isinstance(act, nn.Module)
-    return _ActAfterNorm(drop, act)
+    # _foldable_bn checked that both are modules
+    return _ActAfterNorm(cast(nn.Module, bn.drop), cast(nn.Module, bn.act))
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -136,8 +139,9 @@ def fold_batchnorm(
     for conv_name, bn_name in pairs:
         if calls[conv_name] != 1 or calls[bn_name] != 1 or used[conv_name] != 1:
             continue
-        conv, bn = modules[conv_name], modules[bn_name]
-        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+        # the hooks went only on foldable convolutions and BatchNorms
+        conv = cast(nn.Conv2d, modules[conv_name])
+        bn = cast(nn.BatchNorm2d, modules[bn_name])
         _set(clone, conv_name, fuse_conv_bn_eval(conv, bn))
         _set(clone, bn_name, _after(bn))
         folded += 1
