@@ -213,6 +213,18 @@ class OcclusionResult:
         return write_json(Path(out_dir) / "occlusion.json", self.to_dict())
 
 
+def one_image(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` as one image ``[C, H, W]`` (a batch of one is unwrapped); else a ValueError
+    naming ``what`` took it."""
+    if x.ndim == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"{what} takes one image, got a batch of {x.shape[0]}")
+        x = x[0]
+    if x.ndim != 3:
+        raise ValueError(f"x must be one image [C, H, W], got shape {list(x.shape)}")
+    return x
+
+
 def occlude(
     model: nn.Module,
     x: torch.Tensor,
@@ -249,12 +261,7 @@ def occlude(
         >>> r.inside_fraction["bn1"] > r.area_fraction["bn1"]
         True
     """
-    if x.ndim == 4:
-        if x.shape[0] != 1:
-            raise ValueError(f"occlude takes one image, got a batch of {x.shape[0]}")
-        x = x[0]
-    if x.ndim != 3:
-        raise ValueError(f"x must be one image [C, H, W], got {list(x.shape)}")
+    x = one_image(x, "occlude")
     H, W = x.shape[-2:]
     box_t = _check_box(box, H, W)
     x = x.detach().float().cpu()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from convlens._io import versions, write_json
-from convlens.analysis.occlusion import FILLS, Fill, apply_fill
+from convlens.analysis.occlusion import FILLS, Fill, apply_fill, one_image
 from convlens.capture import capture, model_device
 from convlens.device import DeviceLike, resolve_device
 from convlens.models.layers import evaluating, find_layers, parse_layer
@@ -514,12 +514,7 @@ def sensitivity(
             f"x must be a tensor [C, H, W] (normalised), got {type(x).__name__}; "
             "load images with convlens.load_image and preprocess them (bundle.preprocess)"
         )
-    if x.ndim == 4:
-        if x.shape[0] != 1:
-            raise ValueError(f"sensitivity takes one image, got a batch of {x.shape[0]}")
-        x = x[0]
-    if x.ndim != 3:
-        raise ValueError(f"x must be one image [C, H, W], got shape {list(x.shape)}")
+    x = one_image(x, "sensitivity")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if approximate is not None:
