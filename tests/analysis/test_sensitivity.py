@@ -222,6 +222,95 @@ def test_bottleneck_and_grouped_resnet_exact():
     assert float(b.map.abs().max()) > 1e-4
 
 
+class TFSame(nn.Module):
+    """timm's TF-"same" layers: the padding depends on the input size, and is uneven
+    (more at the bottom and right) for stride 2 on these sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import Conv2dSame
+        from timm.layers.pool2d_same import MaxPool2dSame
+
+        self.conv1 = Conv2dSame(3, 8, 3, stride=2)
+        self.pool = MaxPool2dSame(3, stride=2)
+        self.conv2 = Conv2dSame(8, 8, 4, stride=1)  # even kernel: uneven padding at stride 1
+        self.conv3 = Conv2dSame(8, 8, 3, stride=2, groups=8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.conv3(torch.relu(self.conv2(x))) + 0.5
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_same_padding_golden_values():
+    from convlens.analysis._incremental import _same_padding
+
+    # total = max((ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0); the top gets total // 2
+    assert _same_padding(224, 3, 2, 1) == 0  # total 1, all of it at the bottom
+    assert _same_padding(17, 3, 2, 1) == 1  # total 2
+    assert _same_padding(9, 4, 1, 1) == 1  # total 3: 1 at the top, 2 at the bottom
+    assert _same_padding(10, 5, 1, 2) == 4  # dilated: total 8
+    assert _same_padding(8, 1, 2, 1) == 0
+
+
+@pytest.mark.parametrize("size", [(37, 41), (40, 40)])
+def test_tf_same_padding_layers_are_incremental_and_exact(size):
+    torch.manual_seed(0)
+    net = TFSame().eval()
+    x = torch.randn(3, *size, generator=torch.Generator().manual_seed(5))
+    a = _no_warnings(sensitivity, net, x, 1, window=9, stride=5)
+    b = _no_warnings(sensitivity, net, x, 1, window=9, stride=5, method="naive")
+    assert a.method == "incremental"
+    assert float((a.map - b.map).abs().max()) < 1e-5
+    assert float(b.map.abs().max()) > 1e-4
+
+
+def test_efficientnet_lite0_runs_incrementally_and_exactly():
+    # timm's Lite0 uses Conv2dSame, which fx cannot trace into: it stays a leaf.
+    torch.manual_seed(0)
+    bundle = convlens.load_model("efficientnet_lite0", weights=None)
+    x = torch.randn(3, 96, 96, generator=torch.Generator().manual_seed(6))
+    kw = {"window": 32, "stride": 32}
+    a = _no_warnings(sensitivity, bundle.model, x, 7, **kw)
+    b = _no_warnings(sensitivity, bundle.model, x, 7, method="naive", **kw)
+    assert a.method == "incremental"
+    assert float((a.map - b.map).abs().max()) < 1e-5
+    assert float(b.map.abs().max()) > 1e-5
+
+
+class StdConv(nn.Conv2d):
+    """A convolution with its own forward (weight standardisation, as timm's StdConv2d)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class WithStdConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.std = StdConv(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.std(torch.relu(self.conv1(x))).mean(dim=(2, 3)))
+
+
+def test_conv_subclass_with_its_own_forward_is_recomputed_not_misread():
+    torch.manual_seed(0)
+    net = WithStdConv().eval()
+    x = torch.randn(3, 20, 20, generator=torch.Generator().manual_seed(9))
+    with pytest.warns(UserWarning, match=r"cannot bound.*std \(StdConv\)") as rec:
+        a = sensitivity(net, x, 0, window=6, stride=4)
+    assert len(rec) == 1
+    b = sensitivity(net, x, 0, window=6, stride=4, method="naive")
+    assert a.method == "incremental"
+    assert float((a.map - b.map).abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("fill", ["zero", "mean", "blur", "black"])
 def test_fills_incremental_equals_naive(fill):
     torch.manual_seed(0)

@@ -8,7 +8,10 @@ every window in the batch), reading the unchanged rest from the kept outputs:
 - the input: the window's box;
 - convolutions and max/avg pooling: the outputs whose receptive field meets the input's
   box, computed from that box's receptive field plus the halo the kernel needs (the
-  kept input, padded with the layer's padding value, with the changed box pasted in);
+  kept input, padded with the layer's padding value, with the changed box pasted in).
+  These modules stay whole in the trace, subclasses included; torch's own and timm's
+  TF-"same" ones (``Conv2dSame``, ``MaxPool2dSame``: padding from the input size, uneven)
+  are bounded, a subclass with a forward of its own is recomputed in full;
 - pointwise layers (eval BatchNorm, ReLU and other activations, dropout in eval): the
   same box;
 - elementwise sums and products (residual additions) and channel concatenation: the
@@ -57,6 +60,14 @@ class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.module_outputs: dict[str, list[fx.Node]] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # Convolutions and pools stay whole, subclasses included: the runner bounds the
+        # plain ones and timm's TF-"same" ones (whose padding depends on the input size,
+        # which fx cannot trace through), and recomputes any other in full.
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(
         self,
@@ -278,6 +289,36 @@ def _live_bytes(states: Iterable[Any]) -> int:
             storage = v.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
+
+
+def _timm_same(mod: nn.Module) -> bool:
+    """timm's TF-"same" convolution or max pool (padding computed from the input size)."""
+    cls = type(mod)
+    return cls.__module__.startswith("timm.") and cls.__name__ in ("Conv2dSame", "MaxPool2dSame")
+
+
+def _window_kind(mod: nn.Module) -> str | None:
+    """``"conv"``, ``"maxpool"`` or ``"avgpool"`` for the modules whose regions the runner
+    bounds: torch's own (a subclass only if it keeps their forward) and timm's
+    TF-"same" ones; ``None`` for anything else, which is recomputed in full."""
+    cls: Any = type(mod)
+    if isinstance(mod, nn.Conv2d) and (
+        _timm_same(mod)
+        or (cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward)
+    ):
+        return "conv"
+    if isinstance(mod, nn.MaxPool2d) and (_timm_same(mod) or cls.forward is nn.MaxPool2d.forward):
+        return "maxpool"
+    if isinstance(mod, nn.AvgPool2d) and cls.forward is nn.AvgPool2d.forward:
+        return "avgpool"
+    return None
+
+
+def _same_padding(size: int, k: int, s: int, d: int) -> int:
+    """The top (left) padding of TensorFlow's "same" (timm's ``pad_same``): the total
+    ``max((ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)``, its smaller half first."""
+    total = max((_ceil_div(size, s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -694,11 +735,12 @@ class IncrementalRunner:
             mod = self.modules[str(n.target)]
             if isinstance(st, _Patch) and len(n.args) == 1 and not n.kwargs:
                 first = cast(fx.Node, first)  # st is a _Patch only for a node argument
-                if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros":
-                    return self._conv(n, first, st, mod)
-                if isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
+                kind = _window_kind(mod)
+                if kind == "conv" and cast(nn.Conv2d, mod).padding_mode == "zeros":
+                    return self._conv(n, first, st, cast(nn.Conv2d, mod))
+                if kind == "maxpool" and not cast(nn.MaxPool2d, mod).return_indices:
                     return self._pool(n, first, st, mod)
-                if isinstance(mod, nn.AvgPool2d) and self._avgpool_ok(mod, n, first):
+                if kind == "avgpool" and self._avgpool_ok(cast(nn.AvgPool2d, mod), n, first):
                     return self._pool(n, first, st, mod)
                 if self._eval_bn(mod) and self._may_overwrite(first, st):
                     scale, shift = self._bn_affine(mod)
@@ -845,15 +887,29 @@ class IncrementalRunner:
 
     def _conv(self, n: fx.Node, src: fx.Node, st: _Patch, mod: nn.Conv2d) -> _Patch:
         k, s, d = _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.dilation)
-        if isinstance(mod.padding, str):  # "valid" or "same" (stride 1): left/top pads
-            p = (0, 0) if mod.padding == "valid" else tuple(d[i] * (k[i] - 1) // 2 for i in (0, 1))
+        if _timm_same(mod):
+            p = self._same(src, k, s, d)
+        elif isinstance(mod.padding, str):  # "valid" or "same" (stride 1): left/top pads
+            p = (
+                (0, 0)
+                if mod.padding == "valid"
+                else (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
+            )
         else:
             p = _pair(mod.padding)
 
         def conv(t: torch.Tensor) -> torch.Tensor:
             return F.conv2d(t, mod.weight, mod.bias, s, 0, d, mod.groups)
 
-        return self._window_op(n, src, st, k, s, p, d, 0.0, conv, mod)  # type: ignore[arg-type]
+        return self._window_op(n, src, st, k, s, p, d, 0.0, conv, mod)
+
+    def _same(
+        self, src: fx.Node, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int]
+    ) -> tuple[int, int]:
+        """Top and left padding of TF-"same" on ``src``'s map (the bottom and right ones
+        follow from the output size, which the kept output gives)."""
+        H, W = (int(v) for v in self.cache[src].shape[-2:])
+        return _same_padding(H, k[0], s[0], d[0]), _same_padding(W, k[1], s[1], d[1])
 
     def _pool(self, n: fx.Node, src: fx.Node, st: _Patch, mod: nn.Module) -> _Patch:
         k = _pair(mod.kernel_size)
@@ -861,6 +917,8 @@ class IncrementalRunner:
         p = _pair(mod.padding)
         if isinstance(mod, nn.MaxPool2d):
             d = _pair(mod.dilation)
+            if _timm_same(mod):
+                p = self._same(src, k, s, d)
 
             def pool(t: torch.Tensor) -> torch.Tensor:
                 return F.max_pool2d(t, k, s, 0, d)
