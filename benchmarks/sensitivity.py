@@ -3,6 +3,8 @@
 resnet18 (random init, seed 0, eval), one 224 px image (the bundled sample photo with
 resnet18's preprocessing), a 32 px window at stride 16 (13 x 13 = 169 windows), fill 0.
 Two targets: class 258 (a logit), and channel 0 of ``layer2`` (its mean).
+``--model efficientnet_lite0``: the same for timm's Lite0 (random init, its TF-"same"
+padded convolutions; class target only), written to ``sensitivity_efficientnet_lite0.json``.
 
 Timing: every method runs once per round, in the same process, methods interleaved round
 by round so drift and other load hit all of them alike; the table shows medians.
@@ -46,10 +48,13 @@ from convlens._io import versions, write_json
 WINDOW, STRIDE, CLASS, LAYER, CHANNEL = 32, 16, 258, "layer2", 0
 
 
-def _setup() -> tuple[nn.Module, torch.Tensor]:
+MODELS = ("resnet18", "efficientnet_lite0")
+
+
+def _setup(name: str = "resnet18") -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval()
-    bundle = convlens.load_model("resnet18", weights=None)
+    bundle = convlens.load_model(name, weights=None)
+    model = torchvision.models.resnet18().eval() if name == "resnet18" else bundle.model.eval()
     x = bundle.preprocess(convlens.sample_image())
     return model, x
 
@@ -139,9 +144,9 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _child(target: str, name: str, ppes: list[int]) -> None:
+def _child(target: str, name: str, ppes: list[int], model_name: str) -> None:
     """Run one method once; print its peak resident size above the resident size before."""
-    model, x = _setup()
+    model, x = _setup(model_name)
     with torch.no_grad():
         model(x.unsqueeze(0))  # warm-up: oneDNN and the allocator's first blocks
     fn = _methods(ppes, target)[name]
@@ -161,8 +166,9 @@ def _child(target: str, name: str, ppes: list[int]) -> None:
     print(json.dumps({"before_mib": before, "peak_mib": peak, "seconds": seconds, "how": how}))
 
 
-def _memory(target: str, name: str, ppes: list[int]) -> dict[str, float]:
+def _memory(target: str, name: str, ppes: list[int], model_name: str) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", target, name, "--ppe", ",".join(map(str, ppes))]
+    cmd += ["--model", model_name]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     data = json.loads(done.stdout.strip().splitlines()[-1])
     data["extra_mib"] = data["peak_mib"] - data["before_mib"]
@@ -185,26 +191,34 @@ def main() -> None:
     ap.add_argument("--ppe", default="1,4,16,64", help="Captum's perturbations_per_eval")
     ap.add_argument("--layer-ppe", default="16,64", help="the same for the layer target")
     ap.add_argument("--targets", default="class,layer")
+    ap.add_argument(
+        "--model",
+        choices=MODELS,
+        default="resnet18",
+        help="random-init model; efficientnet_lite0 (timm's TF-'same' convs) has the class target only",
+    )
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--child", nargs=2, metavar=("TARGET", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     if args.child:
-        _child(args.child[0], args.child[1], [int(p) for p in args.ppe.split(",")])
+        _child(args.child[0], args.child[1], [int(p) for p in args.ppe.split(",")], args.model)
         return
+    if args.model != "resnet18" and args.targets != "class":
+        ap.error(f"--model {args.model}: only --targets class (the layer target is resnet18's)")
 
     import captum
 
-    model, x = _setup()
+    model, x = _setup(args.model)
     load_start = os.getloadavg()
     print(
-        f"resnet18 (random init), 1x3x224x224, window {WINDOW} stride {STRIDE} (169 windows), "
+        f"{args.model} (random init), 1x3x224x224, window {WINDOW} stride {STRIDE} (169 windows), "
         f"CPU {_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"captum {captum.__version__}, load average {load_start[0]:.2f}"
     )
     report: dict[str, Any] = {
-        "model": "resnet18 (random init, seed 0)",
-        "input": "sample image, resnet18 preprocessing, 3x224x224",
+        "model": f"{args.model} (random init, seed 0)",
+        "input": f"sample image, {args.model} preprocessing, 3x224x224",
         "window": WINDOW,
         "stride": STRIDE,
         "class": CLASS,
@@ -236,7 +250,7 @@ def main() -> None:
         mem = {}
         if not args.skip_memory:
             for name in methods:
-                mem[name] = _memory(target, name, ppes)
+                mem[name] = _memory(target, name, ppes, args.model)
         best = min((v, k) for k, v in med.items() if k.startswith("captum"))
         print(f"\n{target} target: median of {args.rounds} rounds; speed-up vs {best[1]}")
         print(f"{'method':<44} {'seconds':>8} {'speed-up':>9} {'peak +MiB':>10} {'max |diff|':>11}")
@@ -259,7 +273,8 @@ def main() -> None:
         }
     report["load_average_end"] = os.getloadavg()
     print(f"load average at the end {report['load_average_end'][0]:.2f}")
-    path = write_json(args.out / "sensitivity.json", report)
+    stem = "sensitivity" if args.model == "resnet18" else f"sensitivity_{args.model}"
+    path = write_json(args.out / f"{stem}.json", report)
     print(f"wrote {path}")
 
 

@@ -47,6 +47,7 @@ TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
 LUCENT_VERSION=0.1.8
 KORNIA_VERSION=0.4.1
+CAPTUM_VERSION=0.9.0  # benchmarks/sensitivity.py; it needs nothing that is not there already
 DECORATOR_VERSION=5.3.1
 IPYTHON_VERSION=9.18.1
 
@@ -100,6 +101,8 @@ pip_ install --quiet -c "$CONSTRAINTS" \
 echo "== installing kornia $KORNIA_VERSION, torch-lucent $LUCENT_VERSION (both --no-deps)"
 pip_ install --quiet -c "$CONSTRAINTS" --no-deps \
     "kornia==$KORNIA_VERSION" "torch-lucent==$LUCENT_VERSION"
+echo "== installing captum $CAPTUM_VERSION (--no-deps)"
+pip_ install --quiet -c "$CONSTRAINTS" --no-deps "captum==$CAPTUM_VERSION"
 
 # 4. Check: everything the benchmark uses imports and runs; report the versions.
 echo "== checking"
@@ -113,6 +116,7 @@ import torch
 import convlens
 import kornia
 import lucent
+from captum.attr import Occlusion
 from lucent.modelzoo import inceptionv1
 from lucent.optvis import objectives, param, render, transform  # noqa: F401
 
@@ -129,7 +133,7 @@ with torch.no_grad():
 
 print(f"python {platform.python_version()}")
 for name in ["torch", "torchvision", "convlens", "torch-lucent", "kornia", "numpy",
-             "pillow", "tqdm", "decorator", "ipython", "timm"]:
+             "pillow", "tqdm", "decorator", "ipython", "timm", "captum"]:
     print(f"  {name:<13} {md.version(name)}")
 print(f"  cuda available: {torch.cuda.is_available()} (Lucent then puts its images on "
       f"{'cuda:0' if torch.cuda.is_available() else 'cpu'})")
