@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
 from PIL import Image
 
 import convlens
+from _cli import run
 from convlens import Prediction, classify, load_model
-from convlens.cli import main
 from convlens.images import sample_image_path
 from convlens.models.zoo import ModelBundle, Preprocess
 
@@ -31,10 +30,6 @@ def _caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def lite0() -> ModelBundle:
     return load_model("efficientnet_lite0")
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def _png(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (80, 100)) -> Path:

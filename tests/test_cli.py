@@ -10,52 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
 from PIL import Image
 
+from _cli import (
+    assert_ok,
+    assert_one_line_error,
+    assert_png,
+    assert_wrote,
+    no_temp_files,
+    run,
+)
 from convlens import __version__
-from convlens.cli import main
 from convlens.models import SimpleCNN, save_checkpoint
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SIMPLE_LAYERS = ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "pool", "gap", "fc"]
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def assert_ok(result: Result) -> None:
-    assert result.exit_code == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-
-
-def assert_png(path: Path) -> None:
-    assert path.is_file(), path
-    assert path.read_bytes()[:8] == PNG_MAGIC
-    with Image.open(path) as im:
-        im.verify()
-
-
-def assert_wrote(result: Result, paths: list[Path]) -> None:
-    lines = result.stdout.splitlines()
-    for p in paths:
-        assert f"wrote {p}" in lines, f"{p} not named in:\n{result.stdout}"
-
-
-def assert_one_line_error(result: Result, *fragments: str) -> str:
-    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}"
-    err_lines = result.stderr.splitlines()
-    assert len(err_lines) == 1, result.stderr
-    line = err_lines[0]
-    assert line.startswith("convlens: error: "), line
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in line, f"{f!r} not in {line!r}"
-    return line
-
-
-def no_temp_files(folder: Path) -> bool:
-    return not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
 # ---------------------------------------------------------------- filters

@@ -4,27 +4,10 @@ import json
 from pathlib import Path
 
 import torch
-from click.testing import CliRunner, Result
 from PIL import Image
 
 import convlens
-from convlens.cli import main
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def assert_one_line_error(result: Result, *fragments: str) -> str:
-    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}"
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("convlens: error: "), lines[0]
-    for f in fragments:
-        assert f in lines[0], f"{f!r} not in {lines[0]!r}"
-    return lines[0]
+from _cli import PNG_MAGIC, assert_one_line_error, run
 
 
 def test_sensitivity_class_target_writes_png_and_json(tmp_path: Path) -> None:

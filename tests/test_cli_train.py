@@ -2,21 +2,15 @@ from __future__ import annotations
 
 import json
 
-from click.testing import CliRunner
-
-from convlens.cli import main
+from _cli import run
 from convlens.data._shapes import generate_shapes
-
-
-def _run(*args):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def test_train_on_a_folder_then_resume_then_use_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVLENS_HOME", str(tmp_path / "home"))
     data = generate_shapes(tmp_path / "shapes", train_per_class=6, val_per_class=3, progress=False)
     out = tmp_path / "run"
-    r = _run(
+    r = run(
         "train",
         "--data",
         str(data),
@@ -44,7 +38,7 @@ def test_train_on_a_folder_then_resume_then_use_the_checkpoint(tmp_path, monkeyp
     assert 0 <= metrics["val_accuracy"] <= 1 and len(metrics["history"]) == 1
     assert "circle" in metrics["per_class_accuracy"] and metrics["images_per_s"] > 0
 
-    r = _run(
+    r = run(
         "train",
         "--data",
         str(data),
@@ -61,7 +55,7 @@ def test_train_on_a_folder_then_resume_then_use_the_checkpoint(tmp_path, monkeyp
     assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [1, 2]
 
     # the trained model is a MODEL for the other commands
-    r = _run(
+    r = run(
         "occlude",
         "--model",
         str(out),
@@ -81,10 +75,10 @@ def test_train_on_a_folder_then_resume_then_use_the_checkpoint(tmp_path, monkeyp
 
 def test_train_bad_input_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVLENS_HOME", str(tmp_path / "home"))
-    r = _run("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+    r = run("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
     assert r.exit_code == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("convlens: error: no dataset")
-    r = _run(
+    r = run(
         "train",
         "--data",
         "shapes",

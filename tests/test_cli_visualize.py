@@ -8,19 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
 from PIL import Image
 
+from _cli import PNG_MAGIC, run
 from convlens.analysis.featurevis import render, score
-from convlens.cli import main
 from convlens.models import load_model
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--model", "simple_cnn", "--weights", "none", "--size", "32", "--quiet"]
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def test_visualize_writes_pngs_grid_and_json(tmp_path: Path):

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from _local_http import closed_port
-from click.testing import CliRunner, Result
 from safetensors.torch import save_file
 
 import convlens
+from _cli import run
 from convlens import ModelLoadError, load_model
-from convlens.cli import main
 from convlens.models import efficientnet_lite0 as lite0
 from convlens.models import list_models, save_checkpoint
 from convlens.models.weights import read_weights
@@ -37,10 +36,6 @@ def resnet18_member():
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 # ---------------------------------------------------------------- each spec form

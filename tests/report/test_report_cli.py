@@ -6,29 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-from convlens.cli import main
+from _cli import assert_one_line_error, no_temp_files, run
 from convlens.errors import ReportError
 from convlens.report import load_report, render_html, write_report
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def one_line_error(result: Result, *fragments: str) -> str:
-    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}"
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("convlens: error: "), lines[0]
-    for f in fragments:
-        assert f in lines[0], f"{f!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def no_temp_files(folder: Path) -> bool:
-    return not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_cli_round_trip(report_dir: Path) -> None:
@@ -64,11 +45,13 @@ def test_out_writes_elsewhere(report_dir: Path, tmp_path: Path) -> None:
 
 def test_missing_folder(tmp_path: Path) -> None:
     folder = tmp_path / "nowhere"
-    one_line_error(run("report", str(folder)), "no report folder", f"convlens tour --out {folder}")
+    assert_one_line_error(
+        run("report", str(folder)), "no report folder", f"convlens tour --out {folder}"
+    )
 
 
 def test_folder_without_report_json(tmp_path: Path) -> None:
-    one_line_error(run("report", str(tmp_path)), "no report.json in", "convlens tour --out")
+    assert_one_line_error(run("report", str(tmp_path)), "no report.json in", "convlens tour --out")
     assert not (tmp_path / "report.html").exists()
 
 
@@ -88,7 +71,7 @@ def test_bad_report_json(tmp_path: Path, content: str | bytes, fragment: str) ->
         path.write_bytes(content)
     else:
         path.write_text(content, encoding="utf-8")
-    line = one_line_error(run("report", str(tmp_path)), fragment)
+    line = assert_one_line_error(run("report", str(tmp_path)), fragment)
     if "sections" not in fragment:
         assert str(path) in line and "convlens tour --out" in line
     assert not (tmp_path / "report.html").exists()
