@@ -796,12 +796,13 @@ class IncrementalRunner:
         with self._lock:
             got = self._affine.get(bn)
             if got is None:
-                assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
-                assert bn.running_mean is not None and bn.running_var is not None
-                scale = torch.rsqrt(bn.running_var + bn.eps)
+                # Called only where _eval_bn(bn) held: a BatchNorm with running statistics.
+                bn = cast(nn.modules.batchnorm._BatchNorm, bn)
+                mean, var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+                scale = torch.rsqrt(var + bn.eps)
                 if bn.weight is not None:
                     scale = scale * bn.weight
-                shift = -bn.running_mean * scale
+                shift = -mean * scale
                 if bn.bias is not None:
                     shift = shift + bn.bias
                 got = (scale.detach().view(1, -1, 1, 1), shift.detach().view(1, -1, 1, 1))
@@ -925,8 +926,7 @@ class IncrementalRunner:
 
             return self._window_op(n, src, st, k, s, p, d, -math.inf, pool, mod)
 
-        assert isinstance(mod, nn.AvgPool2d)
-        divisor = mod.divisor_override
+        divisor = cast(nn.AvgPool2d, mod).divisor_override  # _window_kind: max or avg pool
 
         def avg(t: torch.Tensor) -> torch.Tensor:
             return F.avg_pool2d(t, k, s, 0, False, True, divisor)
