@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -332,8 +332,7 @@ class _Naive:
     def scores(self, xb: torch.Tensor) -> torch.Tensor:
         if self.target.layer is None:
             return _read(self.model(xb), self.target)
-        key = self.target.layer_key
-        assert key is not None
+        key = cast(str, self.target.layer_key)  # a layer target has a key
         acts = capture(self.model, xb, [key])
         return _read(next(iter(acts.values())), self.target).to(xb.device)
 
@@ -437,8 +436,7 @@ def _checked_runner(
     if target.layer is None:
         ref = model(x.unsqueeze(0))
     else:
-        key = target.layer_key
-        assert key is not None
+        key = cast(str, target.layer_key)  # a layer target has a key
         ref = next(iter(capture(model, x.unsqueeze(0), [key]).values())).to(x.device)
     if (
         not isinstance(out, torch.Tensor)
@@ -584,7 +582,7 @@ def sensitivity(
             disable=None if progress is None else not progress,
         ) as bar:
             order = list(range(len(boxes)))
-            if bs is None and runner is not None:
+            if bs is None:  # incremental (the naive path sized its batches above)
                 # Measure one window from the middle (as large as windows get) alone and
                 # size the batches for the others from what it held (kept per model and
                 # geometry, so a second call skips this).
@@ -600,7 +598,6 @@ def sensitivity(
                     # sums) about double it (measured on resnet18).
                     known[size_key] = 2.5 * peak
                 bs = _auto_batch(known[size_key], len(order), dev)
-            assert bs is not None
             for start in range(0, len(order), bs):
                 idx = order[start : start + bs]
                 chunk = [boxes[i] for i in idx]
