@@ -1,0 +1,141 @@
+"""convlens.distributed and dataset_examples on 2 CPU processes (gloo, spawn, a fresh
+file:// init per test, one thread per rank, a timeout): identical to one process."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent / "analysis"))
+
+from _examples_fixtures import tiny_data, tiny_model
+
+from convlens import distributed
+from convlens._io import to_jsonable
+from convlens.analysis.examples import DatasetExamples, dataset_examples
+
+TIMEOUT_S = 120
+N_IMAGES = 45  # odd: the ranks' shards differ in length
+LAYERS = ["conv1", "relu", "conv2", "fc"]
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo",
+        init_method=init,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
+    try:
+        ctx = distributed.context()
+        assert (ctx.rank, ctx.world) == (rank, world)
+        # The primitives: shards cover range(N) once; gathers pad and trim.
+        mine = list(distributed.shard(N_IMAGES, rank, world))
+        got = distributed.all_gather_tensors(torch.tensor(mine))
+        assert sorted(int(v) for t in got for v in t) == list(range(N_IMAGES))
+        assert [len(t) for t in got] == [len(range(r, N_IMAGES, world)) for r in range(world)]
+        objs = distributed.all_gather_objects({"rank": rank})
+        assert objs == [{"rank": r} for r in range(world)]
+
+        r = dataset_examples(
+            tiny_model(),
+            tiny_data(n=N_IMAGES),
+            LAYERS,
+            k=5,
+            batch_size=4,
+            progress=False,
+            checkpoint=Path(out) / "state.pt",
+        )
+        r.save(Path(out) / f"rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, tmp_path: Path) -> None:
+    init = f"file://{tmp_path / 'init'}"
+    ctx = mp.start_processes(
+        _worker, args=(world, init, str(tmp_path)), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            pytest.fail(f"the {world} ranks did not finish in {TIMEOUT_S} s")
+
+
+def _numbers(r: DatasetExamples) -> dict:
+    d = to_jsonable(r.to_dict())
+    for key in ("seconds", "images_per_second", "world_size"):
+        d["settings"].pop(key, None)
+    d["settings"].pop("versions", None)
+    d.pop("versions", None)
+    return d
+
+
+def _split_moments(d: dict) -> tuple[dict, list[float]]:
+    """The exact part (indices, positions, scores, counts) and the float64 moments."""
+    moments: list[float] = []
+    for layer in d["layers"].values():
+        st = layer["_state"]
+        moments += st.pop("m2") + [v for row in st.pop("class_sum") for v in row]
+        for ch in layer["channels"]:
+            moments += [ch["stats"].pop("mean"), ch["stats"].pop("std"), ch.pop("selectivity")]
+            moments += ch.pop("class_means")
+    return d, moments
+
+
+def test_two_processes_equal_one(tmp_path: Path) -> None:
+    _spawn(2, tmp_path)
+    one = dataset_examples(
+        tiny_model(), tiny_data(n=N_IMAGES), LAYERS, k=5, batch_size=4, progress=False
+    )
+    want_exact, want_moments = _split_moments(_numbers(one))
+    for rank in range(2):
+        got = DatasetExamples.load(tmp_path / f"rank{rank}")
+        assert got.settings["world_size"] == 2
+        assert got.stats("conv2", 0).count == N_IMAGES  # the merged count is the dataset's
+        exact, moments = _split_moments(_numbers(got))
+        assert exact == want_exact
+        assert moments == pytest.approx(want_moments, rel=1e-12, abs=1e-12, nan_ok=True)
+    # One checkpoint per rank, each with its own shard's state.
+    for rank in range(2):
+        ck = torch.load(tmp_path / f"state.pt.rank{rank}-of-2", weights_only=True)
+        assert ck["done"] and ck["settings"]["world_size"] == 2
+        assert int(ck["states"]["fc"]["count"]) == len(range(rank, N_IMAGES, 2))
+
+
+def test_shard_and_merges_in_one_process() -> None:
+    assert [list(distributed.shard(5, r, 2)) for r in range(2)] == [[0, 2, 4], [1, 3]]
+    with pytest.raises(ValueError, match="rank 2"):
+        distributed.shard(5, 2, 2)
+    ctx = distributed.context()
+    assert (ctx.rank, ctx.world, ctx.active) == (0, 1, False)
+    assert distributed.all_gather_tensors(torch.arange(3))[0].tolist() == [0, 1, 2]
+    # Ties: score descending, index ascending; empty slots (-1) last.
+    s, i, _ = distributed.merge_topk(
+        [torch.tensor([3.0, 1.0, -torch.inf]), torch.tensor([3.0, 2.0])],
+        [torch.tensor([4, 0, -1]), torch.tensor([1, 7])],
+        k=4,
+    )
+    assert i.tolist() == [1, 4, 7, 0] and s.tolist() == [3.0, 3.0, 2.0, 1.0]
+    n, m, m2 = distributed.merge_moments(
+        [torch.tensor(2.0), torch.tensor(1.0)],
+        [torch.tensor(1.0), torch.tensor(4.0)],
+        [torch.tensor(2.0), torch.tensor(0.0)],
+    )
+    # The union {0, 2, 4}: mean 2, sum of squared deviations 8.
+    assert (n.item(), m.item(), m2.item()) == (3.0, 2.0, 8.0)
+    json.dumps(to_jsonable({"n": n}))
