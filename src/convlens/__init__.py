@@ -13,6 +13,7 @@ Example:
 """
 
 from convlens.analysis.activations import channel_stats, mean_map, normalize_maps
+from convlens.analysis.examples import DatasetExamples, Example, dataset_examples
 from convlens.analysis.featurevis import RenderResult, objectives, render
 from convlens.analysis.filters import filter_responses, selectivity
 from convlens.analysis.occlusion import OcclusionResult, occlude
@@ -37,6 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvlensError",
     "DatasetError",
+    "DatasetExamples",
+    "Example",
     "ImageLoadError",
     "LayerNotFoundError",
     "ModelBundle",
@@ -51,6 +54,7 @@ __all__ = [
     "capture",
     "channel_stats",
     "classify",
+    "dataset_examples",
     "evaluate",
     "filter_responses",
     "list_layers",
