@@ -70,3 +70,35 @@ def test_capture_stop_early_on_cuda_and_outputs_survive_inplace_ops():
     for k in a:
         assert a[k].device.type == "cpu"
         torch.testing.assert_close(a[k], b[k])
+
+
+def test_dataset_examples_on_cuda_match_cpu_and_keep_the_state_there(monkeypatch):
+    from convlens.analysis import examples as ex
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(3, 64, 64, generator=g), i % 4) for i in range(70)]
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    cpu = convlens.dataset_examples(
+        model, data, ["layer2", "fc"], k=5, batch_size=16, device="cpu", progress=False
+    )
+    devices = []
+    real_add = ex.RunningChannels.add
+
+    def spy(self, scores, *args, **kwargs):
+        devices.append((scores.device.type, self.t["top_scores"].device.type))
+        return real_add(self, scores, *args, **kwargs)
+
+    monkeypatch.setattr(ex.RunningChannels, "add", spy)
+    gpu = convlens.dataset_examples(
+        model, data, ["layer2", "fc"], k=5, batch_size=16, device="cuda", progress=False
+    )
+    assert devices and all(d == ("cuda", "cuda") for d in devices)  # no host copy per batch
+    assert gpu.settings["device"].startswith("cuda")
+    for layer in ("layer2", "fc"):
+        for ch in gpu.channels(layer)[:32]:
+            a, b = gpu.top(layer, ch), cpu.top(layer, ch)
+            assert [e.score for e in a] == pytest.approx([e.score for e in b], rel=1e-4, abs=1e-4)
+            assert gpu.stats(layer, ch).mean == pytest.approx(
+                cpu.stats(layer, ch).mean, rel=1e-4, abs=1e-5
+            )

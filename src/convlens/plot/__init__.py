@@ -8,6 +8,7 @@ elsewhere ``save_figure(fig, "x.png")``.
 from convlens.plot._base import save_figure
 from convlens.plot.activations import channel_stats, feature_maps, mean_maps
 from convlens.plot.depth import depth_comparison
+from convlens.plot.examples import examples
 from convlens.plot.featurevis import feature_vis
 from convlens.plot.filters import filter_grid, kernels
 from convlens.plot.images import channels
@@ -27,6 +28,7 @@ __all__ = [
     "confusion",
     "curves",
     "depth_comparison",
+    "examples",
     "feature_maps",
     "feature_vis",
     "filter_grid",
