@@ -1025,6 +1025,97 @@ def _model_dtype(net: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _fill_batch(
+    state: dict[str, Any],
+    xs: list[torch.Tensor],
+    idx: list[int],
+    labels: list[int],
+    bs: int,
+    dev: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The model input of one batch, on ``dev``, and what the hooks need to know of it.
+
+    Every batch has ``bs`` rows (a short one is padded with copies of its last image,
+    which are not scored): kernels are chosen by shape, so an image's numbers do not depend
+    on how many ranks run or which images share its batch.
+    """
+    cuda = dev.type == "cuda"
+    state["real"] = len(xs)
+    state["calls"] = {}
+    x = torch.stack(xs + [xs[-1]] * (bs - len(xs)))
+    if cuda:
+        x = x.pin_memory()
+    state["index"] = torch.tensor(idx, dtype=torch.long).to(dev, non_blocking=cuda)
+    state["labels"] = (
+        torch.tensor(labels, dtype=torch.long).to(dev, non_blocking=cuda)
+        if any(v >= 0 for v in labels)
+        else None
+    )
+    return x.to(dev, dtype=dtype, non_blocking=cuda)
+
+
+def _merge(
+    targets: list[_Target], skipped: list[Skipped], ctx: distributed.DistContext, k: int
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[Skipped]]:
+    """Every layer's state merged over the ranks (one all_gather per state tensor), and
+    the skipped images of all ranks, by index: the one exact merge after the loop."""
+    merged: dict[str, dict[str, torch.Tensor]] = {}
+    for t in targets:
+        state = _state(t)
+        if ctx.world == 1:
+            merged[t.key] = state.state_dict()
+            continue
+        per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(ctx.world)]
+        for key in RunningChannels.KEYS:
+            for r, g in enumerate(distributed.all_gather_tensors(state.t[key])):
+                per_rank[r][key] = g.cpu()
+        merged[t.key] = RunningChannels.merge(per_rank, k)
+    if ctx.world > 1:
+        parts = distributed.all_gather_objects([tuple(s) for s in skipped])
+        skipped = [Skipped(int(i), p, str(why)) for part in parts for i, p, why in part]
+    return merged, sorted(skipped, key=lambda s: s.index)
+
+
+def _layer_result(
+    t: _Target,
+    st: dict[str, torch.Tensor],
+    net: nn.Module,
+    input_shape: tuple[int, ...],
+    notes: list[str],
+) -> LayerExamples:
+    """One layer's merged state as a :class:`LayerExamples`, with its receptive field."""
+    try:
+        rf: ReceptiveField | None = receptive_field(net, t.key, input_shape)
+    except Exception as e:  # a bookkeeping gap must not lose the pass
+        rf = None
+        notes.append(f"receptive field of {t.key!r} unknown ({e}): the whole image is used")
+    if rf is not None and not rf.bounded and t.shape[1:] != (1, 1):
+        notes.append(f"{t.key}: {rf.reason}; its examples show the whole image")
+    has_classes = bool(st["class_count"].numel())
+    return LayerExamples(
+        layer=t.key,
+        channels=tuple(t.channels),
+        shape=t.shape,
+        top_scores=st["top_scores"],
+        top_index=st["top_index"],
+        top_pos=st["top_pos"],
+        top_label=st["top_label"],
+        bottom_scores=st["bottom_scores"],
+        bottom_index=st["bottom_index"],
+        bottom_pos=st["bottom_pos"],
+        bottom_label=st["bottom_label"],
+        count=int(st["count"]),
+        mean=st["mean"],
+        m2=st["m2"],
+        active_count=st["active_count"],
+        positions=int(st["positions"]),
+        class_sum=st["class_sum"] if has_classes else None,
+        class_count=st["class_count"] if has_classes else None,
+        receptive=rf,
+    )
+
+
 def dataset_examples(
     model: Any,
     data: Any,
@@ -1152,7 +1243,6 @@ def dataset_examples(
     loader = _Loader(source, workers, strict)
     batch_state: dict[str, Any] = {}
     n_seen = len(source.classes) if source.classes else 0  # classes known so far
-    non_blocking = dev.type == "cuda"
     try:
         with evaluating(net), torch.no_grad(), _hooks(targets, reduce, batch_state):
             pending = loader.submit(batches[start]) if start < len(batches) else None
@@ -1167,25 +1257,7 @@ def dataset_examples(
                     )
                 skipped.extend(bad)
                 if xs:
-                    # Every batch has batch_size rows (a short one is padded with copies of
-                    # its last image, not scored): kernels are chosen by shape, so an
-                    # image's numbers do not depend on how many ranks run or which images
-                    # share its batch.
-                    batch_state["real"] = len(xs)
-                    batch_state["calls"] = {}
-                    x = torch.stack(xs + [xs[-1]] * (bs - len(xs)))
-                    if non_blocking:
-                        x = x.pin_memory()
-                    x = x.to(dev, dtype=dtype, non_blocking=non_blocking)
-                    batch_state["index"] = torch.tensor(idx, dtype=torch.long).to(
-                        dev, non_blocking=non_blocking
-                    )
-                    has_labels = any(v >= 0 for v in labels)
-                    batch_state["labels"] = (
-                        torch.tensor(labels, dtype=torch.long).to(dev, non_blocking=non_blocking)
-                        if has_labels
-                        else None
-                    )
+                    x = _fill_batch(batch_state, xs, idx, labels, bs, dev, dtype)
                     n_seen = max(n_seen, max(labels) + 1)
                     batch_state["n_classes"] = n_seen
                     with contextlib.suppress(_StopForward):
@@ -1201,22 +1273,7 @@ def dataset_examples(
             notes.append(msg)
             warnings.warn(msg, stacklevel=2)
 
-    # One exact merge, after the loop.
-    merged: dict[str, dict[str, torch.Tensor]] = {}
-    for t in targets:
-        state = _state(t).state_dict()
-        if ctx.world > 1:
-            per_rank: list[dict[str, torch.Tensor]] = [dict() for _ in range(ctx.world)]
-            for key in RunningChannels.KEYS:
-                dev_t = _state(t).t[key]
-                for r, g in enumerate(distributed.all_gather_tensors(dev_t)):
-                    per_rank[r][key] = g.cpu()
-            state = RunningChannels.merge(per_rank, k_eff)
-        merged[t.key] = state
-    if ctx.world > 1:
-        skipped = [s for part in distributed.all_gather_objects(skipped) for s in part]
-        skipped = [Skipped(*s) for s in skipped]
-    skipped.sort(key=lambda s: s.index)
+    merged, skipped = _merge(targets, skipped, ctx, k_eff)
     count = int(next(iter(merged.values()))["count"]) if merged else 0
     if count + len(skipped) != n:
         raise RuntimeError(
@@ -1232,34 +1289,7 @@ def dataset_examples(
             for i in st[key].flatten().tolist():
                 if i >= 0 and i not in paths:
                     paths[int(i)] = source.path(int(i))
-        try:
-            rf: ReceptiveField | None = receptive_field(net, t.key, input_shape)
-        except Exception as e:
-            rf = None
-            notes.append(f"receptive field of {t.key!r} unknown ({e}): the whole image is used")
-        if rf is not None and not rf.bounded and t.shape[1:] != (1, 1):
-            notes.append(f"{t.key}: {rf.reason}; its examples show the whole image")
-        layers_out[t.key] = LayerExamples(
-            layer=t.key,
-            channels=tuple(t.channels),
-            shape=t.shape,
-            top_scores=st["top_scores"],
-            top_index=st["top_index"],
-            top_pos=st["top_pos"],
-            top_label=st["top_label"],
-            bottom_scores=st["bottom_scores"],
-            bottom_index=st["bottom_index"],
-            bottom_pos=st["bottom_pos"],
-            bottom_label=st["bottom_label"],
-            count=int(st["count"]),
-            mean=st["mean"],
-            m2=st["m2"],
-            active_count=st["active_count"],
-            positions=int(st["positions"]),
-            class_sum=st["class_sum"] if st["class_count"].numel() else None,
-            class_count=st["class_count"] if st["class_count"].numel() else None,
-            receptive=rf,
-        )
+        layers_out[t.key] = _layer_result(t, st, net, input_shape, notes)
     seconds = time.perf_counter() - t0
     run = {
         **settings,
