@@ -137,7 +137,7 @@ class Skipped(_Record):
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerExamples:
     """One layer's merged results, for the ``channels`` collected (rows of every tensor).
 
@@ -189,7 +189,7 @@ def _ranges(channels: Sequence[int]) -> str:
     return ",".join(parts) or "none"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DatasetExamples:
     """The result of :func:`dataset_examples`. Accessors take a layer key (as asked, e.g.
     ``"bn3"`` or ``"pool#1"``) and a channel number.
@@ -417,7 +417,7 @@ class DatasetExamples:
 
         Example:
             >>> path = r.save("out/")
-            >>> DatasetExamples.load("out/") == r
+            >>> DatasetExamples.load("out/").top("bn3", 0) == r.top("bn3", 0)
             True
         """
         return write_json(Path(out_dir) / "examples.json", self.to_dict())
