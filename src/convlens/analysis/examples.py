@@ -1092,11 +1092,22 @@ def _layer_result(
         notes.append(f"receptive field of {t.key!r} unknown ({e}): the whole image is used")
     if rf is not None and not rf.bounded and t.shape[1:] != (1, 1):
         notes.append(f"{t.key}: {rf.reason}; its examples show the whole image")
+    return _layer_examples(t.key, tuple(t.channels), t.shape, st, rf)
+
+
+def _layer_examples(
+    key: str,
+    channels: tuple[int, ...],
+    shape: tuple[int, int, int],
+    st: dict[str, torch.Tensor],
+    rf: ReceptiveField | None,
+) -> LayerExamples:
+    """A :class:`LayerExamples` from a state (:meth:`RunningChannels.state_dict`'s keys)."""
     has_classes = bool(st["class_count"].numel())
     return LayerExamples(
-        layer=t.key,
-        channels=tuple(t.channels),
-        shape=t.shape,
+        layer=key,
+        channels=channels,
+        shape=shape,
         top_scores=st["top_scores"],
         top_index=st["top_index"],
         top_pos=st["top_pos"],
