@@ -33,6 +33,7 @@ import math
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,6 +49,7 @@ from convlens.analysis.receptive import ReceptiveField, receptive_field
 from convlens.capture import model_device
 from convlens.device import DeviceLike, resolve_device
 from convlens.errors import ConvlensError, DatasetError
+from convlens.models.forms import model_dtype
 from convlens.models.layers import LayerRef, evaluating, find_layers, trace_calls
 
 __all__ = [
@@ -774,6 +776,26 @@ def _parse_channels(spec: Any, n: int, key: str) -> list[int]:
     return sorted(dict.fromkeys(chans))
 
 
+# model -> {(input shape, dtype, names, module ids): output shapes per call}
+_SHAPES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _shapes(
+    net: nn.Module, input_shape: tuple[int, ...], names: list[str], dtype: torch.dtype
+) -> dict[str, list[tuple[int, ...] | None]]:
+    """``trace_calls`` of ``names``, cached per model while its modules stay the same."""
+    modules = dict(net.named_modules())
+    key = (input_shape, dtype, tuple(names), tuple(id(modules[n]) for n in names))
+    per_model = _SHAPES.setdefault(net, {})
+    if key not in per_model:
+        if len(per_model) > 32:
+            per_model.clear()
+        per_model[key] = trace_calls(net, input_shape, names, dtype=dtype)
+    return per_model[key]
+
+
 def _resolve_targets(
     net: nn.Module,
     layers: Sequence[str],
@@ -783,7 +805,7 @@ def _resolve_targets(
 ) -> list[_Target]:
     refs: list[LayerRef] = find_layers(net, list(layers))
     names = list(dict.fromkeys(r.name for r in refs))
-    shapes = trace_calls(net, input_shape, names, dtype=dtype)
+    shapes = _shapes(net, input_shape, names, dtype)
     targets: list[_Target] = []
     for r in refs:
         calls = shapes.get(r.name, [])
@@ -1018,13 +1040,6 @@ def _state(t: _Target) -> RunningChannels:
     return t.state
 
 
-def _model_dtype(net: nn.Module) -> torch.dtype:
-    for p in net.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def _fill_batch(
     state: dict[str, Any],
     xs: list[torch.Tensor],
@@ -1199,7 +1214,7 @@ def dataset_examples(
         raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
 
     item_shape = fix_size(source)
-    dtype = _model_dtype(net)
+    dtype = model_dtype(net)
     input_shape = (1, *item_shape)
     targets = _resolve_targets(net, layers, input_shape, channels, dtype)
     notes: list[str] = []
@@ -1215,7 +1230,7 @@ def dataset_examples(
 
     settings = {
         "model": (bundle.description if bundle else type(net).__name__),
-        "weights": _fingerprint(net),
+        "weights": _fingerprint(net),  # names the weights in the JSON; matches checkpoints
         "dataset": source.fingerprint(),
         "layers": [t.key for t in targets],
         "channels": {t.key: _ranges(t.channels) for t in targets},
@@ -1400,7 +1415,7 @@ def crops(
     x = torch.stack(xs)
     dev = model_device(net) if device is None else resolve_device(device)
     with torch.no_grad():
-        out = capture(net, x.to(dev, dtype=_model_dtype(net)), [layer], device=device)[layer]
+        out = capture(net, x.to(dev, dtype=model_dtype(net)), [layer], device=device)[layer]
     maps = out[:, channel].float() if out.ndim == 4 else out[:, channel].float().view(-1, 1, 1)
     H, W = int(x.shape[-2]), int(x.shape[-1])
     up = F.interpolate(maps[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
