@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from convlens.device import DeviceLike, resolve_device
+from convlens.models.forms import dtype_support, model_dtype
 from convlens.models.layers import LayerRef, evaluating, find_layers, trace_calls, unwrap
 
 __all__ = ["capture", "model_device"]
@@ -93,7 +94,11 @@ def capture(
     cached per model and input shape. ``x`` is ``[N, C, H, W]`` (or ``[C, H, W]``,
     made a batch of one) in the model's input space (normalised). ``device``: ``None``
     runs where the model is; otherwise the model is moved there (``model.to``, in place).
-    DataParallel / DistributedDataParallel wrappers are unwrapped.
+    DataParallel / DistributedDataParallel wrappers and ``torch.compile`` are unwrapped
+    (the original module runs). ``x`` is cast to the model's dtype (a float16 / bfloat16
+    model gets float16 / bfloat16 input; the outputs are in that dtype). The model's own
+    hooks run in the forward, as the model would run them; a TorchScript module, which
+    takes no hooks, is a :class:`convlens.ConvlensError`.
 
     Raises :class:`convlens.LayerNotFoundError` for an unknown name (with close matches).
 
@@ -113,14 +118,16 @@ def capture(
         model.to(dev)
     else:
         dev = model_device(model)
-    x = x.to(dev)
+    dtype = model_dtype(model)
+    x = x.to(dev, dtype) if x.is_floating_point() else x.to(dev)
     names = list(dict.fromkeys(r.name for r in refs))
     by_name: dict[str, list[LayerRef]] = {n: [r for r in refs if r.name == n] for n in names}
 
     # Calls needed from each module before the forward may stop (None: run to the end).
     needed: dict[str, int] | None = None
     if stop_early:
-        expected = _expected_calls(model, x, {n: by_name[n][0].module for n in names})
+        with dtype_support(dtype, dev):
+            expected = _expected_calls(model, x, {n: by_name[n][0].module for n in names})
         needed = {}
         for n in names:
             calls = [r.call for r in by_name[n]]
@@ -145,7 +152,8 @@ def capture(
     try:
         for n in names:
             handles.append(modules[n].register_forward_hook(make_hook(n)))
-        with evaluating(model), torch.no_grad(), contextlib.suppress(_StopForward):
+        stop = contextlib.suppress(_StopForward)
+        with evaluating(model), torch.no_grad(), dtype_support(dtype, dev), stop:
             model(x)
     finally:
         for h in handles:

@@ -17,6 +17,7 @@ from torch import nn
 
 from convlens.device import DeviceLike, resolve_device
 from convlens.images import ImageSource, load_image
+from convlens.models.forms import OutputKey, dtype_support, model_dtype, select_output
 from convlens.models.layers import evaluating, unwrap
 from convlens.models.zoo import ModelBundle
 
@@ -51,13 +52,18 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _to_input(bundle: ModelBundle, img: ImageLike, preprocessed: bool, where: str) -> torch.Tensor:
+    c = len(bundle.preprocess.mean)
     if isinstance(img, torch.Tensor):
-        if img.ndim != 3 or img.shape[0] != 3:
-            raise ValueError(
-                f"{where}: expected an RGB image tensor [3, H, W], got {list(img.shape)}"
-            )
         if preprocessed:
+            if img.ndim != 3 or img.shape[0] != c:
+                raise ValueError(
+                    f"{where}: expected the model's input [{c}, H, W], got {list(img.shape)}"
+                )
             return img.float()
+        takes = (1, 3) if c == 1 else (c,)  # a greyscale model takes RGB (made grey) too
+        if img.ndim != 3 or img.shape[0] not in takes:
+            what = "an RGB image tensor [3, H, W]" if c == 3 else f"an image [{c}, H, W]"
+            raise ValueError(f"{where}: expected {what}, got {list(img.shape)}")
         lo, hi = float(img.min()), float(img.max())
         if lo < -1e-3 or hi > 1 + 1e-3:
             raise ValueError(
@@ -75,16 +81,10 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any
         yield start, items[start : start + size]
 
 
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)  # e.g. GoogLeNet's output tuple in train mode
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise TypeError(
-        f"the model returned {type(out).__name__}, not class scores [N, classes]: classify "
-        "needs a classifier"
-    )
+def _logits(out: Any, output: OutputKey | None = None) -> torch.Tensor:
+    # A tensor; or from a dict / tuple / dataclass the entry ``output`` names, by default
+    # the only 2-d tensor, else ``logits`` (GoogLeNet's output tuple in train mode).
+    return select_output(out, output, what="classify")[0]
 
 
 @overload
@@ -97,6 +97,7 @@ def classify(
     device: DeviceLike | None = None,
     preprocessed: bool = False,
     progress: bool = False,
+    output: OutputKey | None = None,
 ) -> list[Prediction]: ...
 
 
@@ -110,6 +111,7 @@ def classify(
     device: DeviceLike | None = None,
     preprocessed: bool = False,
     progress: bool = False,
+    output: OutputKey | None = None,
 ) -> list[list[Prediction]]: ...
 
 
@@ -123,6 +125,7 @@ def classify(  # [3, H, W]: one image; [N, 3, H, W]: a batch
     device: DeviceLike | None = None,
     preprocessed: bool = False,
     progress: bool = False,
+    output: OutputKey | None = None,
 ) -> list[Prediction] | list[list[Prediction]]: ...
 
 
@@ -135,6 +138,7 @@ def classify(
     device: DeviceLike | None = None,
     preprocessed: bool = False,
     progress: bool = False,
+    output: OutputKey | None = None,
 ) -> list[Prediction] | list[list[Prediction]]:
     """The ``k`` most probable classes of ``image``, most probable first.
 
@@ -147,6 +151,13 @@ def classify(
     logits, in float32 (the output itself for a model whose ``outputs_probabilities`` is
     true, such as ``inceptionv1``, which ends in ``softmax2``). A random-init bundle warns
     that its predictions mean nothing.
+
+    Any model form: ``torch.compile`` and DataParallel are unwrapped, a TorchScript module
+    just runs (classify needs no hooks), a float16 / bfloat16 model gets its input cast
+    to its dtype, and a model that returns a dict, tuple, list, namedtuple or dataclass
+    has its class scores chosen by ``output`` (a key, an index or an attribute name; by
+    default the only 2-d tensor). A greyscale bundle (a normalisation of one value) takes
+    RGB images and makes them grey.
 
     Example:
         >>> bundle = convlens.load_model("efficientnet_lite0")
@@ -178,6 +189,7 @@ def classify(
     if device is not None:
         model.to(resolve_device(device))
     dev = _model_device(model)
+    dtype = model_dtype(model)
     labels = bundle.labels or []
     already_softmax = bool(getattr(model, "outputs_probabilities", False))
     results: list[list[Prediction]] = []
@@ -187,15 +199,15 @@ def classify(
 
         total = -(-len(items) // batch_size)
         chunks = tqdm(chunks, total=total, desc="classify", unit="batch", disable=None)
-    with evaluating(model), torch.no_grad():
+    with evaluating(model), torch.no_grad(), dtype_support(dtype, dev):
         for start, chunk in chunks:
             x = torch.stack(
                 [
                     _to_input(bundle, im, preprocessed, f"image {start + i}")
                     for i, im in enumerate(chunk)
                 ]
-            ).to(dev)
-            logits = _logits(model(x))
+            ).to(dev, dtype)
+            logits = _logits(model(x), output)
             if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
                 raise ValueError(
                     f"the model returned shape {list(logits.shape)}, not class scores "

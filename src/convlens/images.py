@@ -1,7 +1,8 @@
 """Images as tensors: load from anything, the bundled sample image, channel views.
 
 Every loader returns ``float32 [3, H, W]`` in ``[0, 1]``, the layout torchvision models
-expect before normalisation. Failures raise :class:`convlens.ImageLoadError` naming the
+expect before normalisation (``channels=1``: ``[1, H, W]`` greyscale, for greyscale
+networks). Failures raise :class:`convlens.ImageLoadError` naming the
 source and the reason.
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "load_image",
     "sample_image",
     "sample_image_path",
+    "to_grayscale",
 ]
 
 ImageSource = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
@@ -162,20 +164,54 @@ def _resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return out.clamp_(0.0, 1.0)
 
 
+#: ITU-R 601-2 luma, the weights of PIL's ``convert("L")`` and torchvision's greyscale.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def to_grayscale(img: torch.Tensor) -> torch.Tensor:
+    """``[3, H, W]`` (or ``[N, 3, H, W]``) RGB in [0, 1] -> ``[1, H, W]`` luma, as PIL's
+    ``convert("L")`` weighs the channels; an image whose channels are equal (a grey image
+    loaded as RGB) keeps its values exactly.
+
+    Example:
+        >>> to_grayscale(torch.ones(3, 2, 2)).shape
+        torch.Size([1, 2, 2])
+    """
+    c = img.shape[-3]
+    if c == 1:
+        return img
+    if c != 3:
+        raise ValueError(f"to_grayscale takes RGB [3, H, W], got {list(img.shape)}")
+    r, g, b = img.unbind(-3)
+    if torch.equal(r, g) and torch.equal(g, b):
+        return r.unsqueeze(-3).clone()
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).clamp(0.0, 1.0).unsqueeze(-3)
+
+
+def _channels_arg(channels: int) -> int:
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"channels is 3 (RGB) or 1 (greyscale), got {channels!r}")
+    return channels
+
+
 def load_image(
     src: ImageSource,
     size: int | tuple[int, int] | None = None,
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     timeout: float = URL_TIMEOUT,
+    channels: int = 3,
 ) -> torch.Tensor:
-    """Load an image as a float32 ``[3, H, W]`` tensor in ``[0, 1]``.
+    """Load an image as a float32 ``[3, H, W]`` tensor in ``[0, 1]`` (``channels=1``:
+    ``[1, H, W]`` greyscale, for a greyscale network).
 
     ``src`` is a path (``str`` or ``pathlib.Path``), an ``http(s)://`` URL (fetched with
     ``timeout`` seconds), encoded bytes, a PIL image, or an ``HxW``/``HxWxC`` numpy array
     (uint8, uint16 or float in [0, 1]). Grayscale, palette, CMYK and 16-bit images become
     RGB; transparency is composited on white; the EXIF orientation is applied.
     ``size=int`` resizes the shorter side (aspect kept), ``size=(H, W)`` resizes exactly.
+    ``channels=1`` gives the luma (PIL's ``convert("L")`` weights; a greyscale file keeps
+    its values exactly).
 
     Raises :class:`convlens.ImageLoadError` (a ``ValueError``) naming the source and the
     reason: missing file, not an image, truncated, more than ``max_pixels`` pixels, or a
@@ -186,10 +222,12 @@ def load_image(
         >>> img.shape, img.dtype
         (torch.Size([3, 224, 285]), torch.float32)
     """
+    channels = _channels_arg(channels)
     name = _describe(src)
     if isinstance(src, np.ndarray):
         x = _array_to_tensor(src, name)
-        return _resize(x, size) if size is not None else x
+        x = _resize(x, size) if size is not None else x
+        return to_grayscale(x) if channels == 1 else x
     if not isinstance(src, (str, os.PathLike, bytes, bytearray, Image.Image)):
         raise TypeError(
             f"load_image takes a path, URL, bytes, PIL image or numpy array, not "
@@ -220,7 +258,8 @@ def load_image(
         if "truncated" in msg or "broken data stream" in msg or "unrecognized data stream" in msg:
             raise ImageLoadError(name, f"truncated or corrupt file ({msg})") from None
         raise ImageLoadError(name, f"corrupt or unreadable image ({msg})") from None
-    return _resize(x, size) if size is not None else x
+    x = _resize(x, size) if size is not None else x
+    return to_grayscale(x) if channels == 1 else x
 
 
 def sample_image_path() -> Path:
@@ -235,14 +274,15 @@ def sample_image_path() -> Path:
     raise ImageLoadError("'grace_hopper.jpg'", "matplotlib's sample data is missing")
 
 
-def sample_image(size: int | tuple[int, int] | None = None) -> torch.Tensor:
-    """The offline default image: Grace Hopper in uniform (512x600), as ``[3, H, W]``.
+def sample_image(size: int | tuple[int, int] | None = None, *, channels: int = 3) -> torch.Tensor:
+    """The offline default image: Grace Hopper in uniform (512x600), as ``[3, H, W]``
+    (``channels=1``: ``[1, H, W]`` greyscale).
 
     Example:
         >>> sample_image().shape
         torch.Size([3, 600, 512])
     """
-    return load_image(sample_image_path(), size=size)
+    return load_image(sample_image_path(), size=size, channels=channels)
 
 
 def image_summary(img: torch.Tensor) -> dict[str, Any]:

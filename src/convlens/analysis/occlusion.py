@@ -22,6 +22,8 @@ from torch import nn
 from convlens._io import versions, write_json
 from convlens.capture import capture
 from convlens.device import DeviceLike
+from convlens.models.forms import dtype_name, model_dtype
+from convlens.models.layers import unwrap
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -104,7 +106,11 @@ def apply_fill(
         out[:, :, t:b, le:r] = 0.0
     elif fill == "black":
         if len(mean) != c or len(std) != c:
-            raise ValueError(f"mean and std need {c} values for fill='black'")
+            raise ValueError(
+                f"fill='black' needs mean and std with one value per channel of the input "
+                f"({c}), got {len(mean)} and {len(std)}: pass the model's normalisation "
+                "(mean=..., std=...; a bundle's bundle.normalize)"
+            )
         m = torch.tensor(mean, dtype=xb.dtype, device=xb.device).view(1, c, 1, 1)
         s = torch.tensor(std, dtype=xb.dtype, device=xb.device).view(1, c, 1, 1)
         out[:, :, t:b, le:r] = ((0.0 - m) / s).expand(xb.shape[0], c, b - t, r - le)
@@ -232,8 +238,8 @@ def occlude(
     layers: str | Iterable[str],
     fill: Fill = "zero",
     *,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     blur_sigma: float = 8.0,
     device: DeviceLike | None = None,
     model_name: str = "",
@@ -256,6 +262,12 @@ def occlude(
     ``area_fraction`` = the mapped box's share of the grid. A layer keeps spatial
     information where ``inside_fraction`` is well above ``area_fraction``.
 
+    ``mean``/``std``: the input's normalisation, one value per channel (ImageNet's when
+    left out and ``x`` has 3 channels); ``"black"`` needs them, and they undo the
+    normalisation for display. Every fill works per channel, for inputs of any number of
+    channels. The model runs in its own dtype (a float16 / bfloat16 model gets its input
+    cast); the changes are computed in float32 and ``settings["dtype"]`` says the model's.
+
     Example:
         >>> r = occlude(model, x, box=(30, 90, 40, 110), layers=["bn1", "layer4"])
         >>> r.inside_fraction["bn1"] > r.area_fraction["bn1"]
@@ -265,8 +277,26 @@ def occlude(
     H, W = x.shape[-2:]
     box_t = _check_box(box, H, W)
     x = x.detach().float().cpu()
-    x_occ = apply_fill(x, box_t, fill, mean=mean, std=std, blur_sigma=blur_sigma)
+    c = int(x.shape[0])
+    if mean is None and std is None and c == 3:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean= and std= (the input's normalisation), or neither")
+    if mean is not None and std is not None and (len(mean) != c or len(std) != c):
+        raise ValueError(
+            f"mean and std have {len(mean)} and {len(std)} values but the input has {c} "
+            f"channel(s): give one value per channel"
+        )
+    if fill == "black" and mean is None:
+        raise ValueError(
+            f"fill='black' on a {c}-channel input needs its normalisation: pass mean=... and "
+            f"std=... with {c} value(s) each"
+        )
+    fill_mean = mean if mean is not None else IMAGENET_MEAN
+    fill_std = std if std is not None else IMAGENET_STD
+    x_occ = apply_fill(x, box_t, fill, mean=fill_mean, std=fill_std, blur_sigma=blur_sigma)
     acts = capture(model, torch.stack([x, x_occ]), layers, device=device)
+    dtype = model_dtype(unwrap(model))
     changes: dict[str, LayerChange] = {}
     for name, act in acts.items():
         if act.ndim != 4:
@@ -294,8 +324,11 @@ def occlude(
         layers=changes,
         original=x,
         occluded=x_occ,
-        mean=tuple(float(v) for v in mean),
-        std=tuple(float(v) for v in std),
+        mean=tuple(float(v) for v in mean) if mean is not None else None,
+        std=tuple(float(v) for v in std) if std is not None else None,
         model_name=model_name,
-        settings={"blur_sigma": blur_sigma} if fill == "blur" else {},
+        settings={
+            **({"blur_sigma": blur_sigma} if fill == "blur" else {}),
+            "dtype": dtype_name(dtype),
+        },
     )

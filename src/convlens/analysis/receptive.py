@@ -57,6 +57,7 @@ from convlens.analysis._incremental import (
     _window_kind,
     trace_model,
 )
+from convlens.models.forms import hooks_aside
 from convlens.models.layers import evaluating, find_layers, trace_calls, unwrap
 
 __all__ = ["ReceptiveField", "receptive_field"]
@@ -303,7 +304,8 @@ def _analyse(model: nn.Module, shape: tuple[int, int, int, int]) -> _Analysis:
 
 
 def _compute(model: nn.Module, shape: tuple[int, int, int, int]) -> _Analysis:
-    with evaluating(model), torch.no_grad():
+    # A probe: the user's own hooks must not see fx's proxies or the size forward.
+    with hooks_aside(model), evaluating(model), torch.no_grad():
         try:
             traced = trace_model(model)
         except Unsupported as e:

@@ -14,6 +14,8 @@ a layer target stops the forward at that layer.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 import warnings
@@ -31,6 +33,16 @@ from convlens._io import versions, write_json
 from convlens.analysis.occlusion import FILLS, Fill, apply_fill, one_image
 from convlens.capture import capture, model_device
 from convlens.device import DeviceLike, resolve_device
+from convlens.models.forms import (
+    OutputKey,
+    dtype_name,
+    dtype_support,
+    hooks_aside,
+    is_scripted,
+    model_dtype,
+    pick_output,
+    select_output,
+)
 from convlens.models.layers import evaluating, find_layers, parse_layer
 
 __all__ = [
@@ -326,12 +338,16 @@ def _occluded_batch(
 class _Naive:
     """Full forwards of occluded copies (stopping at the target layer)."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, target: Target) -> None:
-        self.model, self.x, self.target = model, x, target
+    def __init__(
+        self, model: nn.Module, x: torch.Tensor, target: Target, output: OutputKey | None = None
+    ) -> None:
+        self.model, self.x, self.target, self.output = model, x, target, output
+        self.key: OutputKey | None = None  # the entry of the model's output read
 
     def scores(self, xb: torch.Tensor) -> torch.Tensor:
         if self.target.layer is None:
-            return _read(self.model(xb), self.target)
+            value, self.key = select_output(self.model(xb), self.output, what="a class target")
+            return _read(value, self.target)
         key = cast(str, self.target.layer_key)  # a layer target has a key
         acts = capture(self.model, xb, [key])
         return _read(next(iter(acts.values())), self.target).to(xb.device)
@@ -339,7 +355,9 @@ class _Naive:
     def per_window_bytes(self) -> float:
         from convlens.models.layers import trace_calls
 
-        calls = trace_calls(self.model, (1, *self.x.shape))
+        if is_scripted(self.model):  # no hooks to measure layers: assume 32 maps like x
+            return 4.0 * 4 * 32 * self.x.numel()
+        calls = trace_calls(self.model, (1, *self.x.shape), dtype=self.x.dtype)
         sizes = [math.prod(s) for shapes in calls.values() for s in shapes if s is not None]
         return 4.0 * 4 * max(sizes, default=self.x.numel())
 
@@ -405,47 +423,98 @@ def _check_single_call(model: nn.Module, x: torch.Tensor, target: Target) -> Non
         )
 
 
+def _graph_entry(structure: Any, key: OutputKey) -> Any:
+    """Entry ``key`` of a traced graph's output: a dict, tuple or list of nodes, or the
+    node that builds a namedtuple or a dataclass (fx records its constructor call)."""
+    from torch import fx
+
+    if isinstance(structure, fx.Node):
+        cls = structure.target
+        if structure.op != "call_function" or not isinstance(cls, type):
+            raise TypeError("the traced output is not a container")
+        if hasattr(cls, "_fields"):
+            names = list(cls._fields)
+        elif dataclasses.is_dataclass(cls):
+            names = [f.name for f in dataclasses.fields(cls) if f.init]
+        else:
+            raise TypeError(f"the traced output is built by {cls.__name__}")
+        values = dict(zip(names, structure.args))
+        values.update(structure.kwargs)
+        return values[key if isinstance(key, str) else names[key]]
+    return pick_output(structure, key)
+
+
 def _incremental(
-    model: nn.Module, x: torch.Tensor, target: Target, approximate: float | None
-) -> tuple[Any, Any]:
-    """An :class:`IncrementalRunner` checked against the model, and the unoccluded output."""
+    model: nn.Module,
+    x: torch.Tensor,
+    target: Target,
+    approximate: float | None,
+    output: OutputKey | None = None,
+) -> tuple[Any, Any, OutputKey | None]:
+    """An :class:`IncrementalRunner` checked against the model, the unoccluded output, and
+    the key of the model's output it reads (None: the output is one tensor)."""
     from convlens.analysis._incremental import Unsupported, trace_model
 
-    traced = trace_model(model)  # kept per model; raises Unsupported if fx cannot
+    with hooks_aside(model):  # the user's hooks must not see fx's proxies
+        traced = trace_model(model)  # kept per model; raises Unsupported if fx cannot
     try:
-        return _checked_runner(model, traced, x, target, approximate)
+        return _checked_runner(model, traced, x, target, approximate, output)
     except Unsupported:  # a kept trace may be stale (an attribute the forward reads changed)
-        return _checked_runner(model, trace_model(model, cached=False), x, target, approximate)
+        with hooks_aside(model):
+            traced = trace_model(model, cached=False)
+        return _checked_runner(model, traced, x, target, approximate, output)
 
 
 def _checked_runner(
-    model: nn.Module, traced: Any, x: torch.Tensor, target: Target, approximate: float | None
-) -> tuple[Any, Any]:
+    model: nn.Module,
+    traced: Any,
+    x: torch.Tensor,
+    target: Target,
+    approximate: float | None,
+    output: OutputKey | None = None,
+) -> tuple[Any, Any, OutputKey | None]:
+    from torch import fx
+
     from convlens.analysis._incremental import IncrementalRunner, Unsupported
 
+    # The reference: the model as the user runs it (their hooks included).
     result_node = None
-    if target.layer is not None:
+    key: OutputKey | None = None
+    if target.layer is None:
+        ref, key = select_output(model(x.unsqueeze(0)), output, what="a class target")
+        if key is not None:  # the same entry of the traced graph's output
+            out_node = next(n for n in traced.graph.nodes if n.op == "output")
+            try:
+                result_node = _graph_entry(out_node.args[0], key)
+            except (KeyError, IndexError, AttributeError, TypeError, ValueError):
+                raise Unsupported(f"the traced graph's output has no entry {key!r}") from None
+            if not isinstance(result_node, fx.Node):
+                raise Unsupported(f"the traced graph's output {key!r} is not computed")
+    else:
         outs = traced.module_outputs.get(target.layer, [])
         call = target.call or 0
         if call >= len(outs):
             raise Unsupported(f"the traced graph has no call {call} of {target.layer!r}")
         result_node = outs[call]
-    runner = IncrementalRunner(model, traced, x.unsqueeze(0), result_node, approximate=approximate)
-    out = runner.run_full()
+        key_name = cast(str, target.layer_key)  # a layer target has a key
+        ref = next(iter(capture(model, x.unsqueeze(0), [key_name]).values())).to(x.device)
+    with hooks_aside(model):  # leaf modules run on partial patches: not for the user's hooks
+        runner = IncrementalRunner(
+            model, traced, x.unsqueeze(0), result_node, approximate=approximate
+        )
+        out = runner.run_full()
     # The traced graph runs ops out of place; check it reproduces the model.
-    if target.layer is None:
-        ref = model(x.unsqueeze(0))
-    else:
-        key = cast(str, target.layer_key)  # a layer target has a key
-        ref = next(iter(capture(model, x.unsqueeze(0), [key]).values())).to(x.device)
+    rtol, atol = (1e-4, 1e-5) if x.dtype not in (torch.float16, torch.bfloat16) else (2e-2, 2e-2)
     if (
         not isinstance(out, torch.Tensor)
         or not isinstance(ref, torch.Tensor)
         or out.shape != ref.shape
-        or not torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(ref.abs().max())))
+        or not torch.allclose(
+            out.float(), ref.float(), rtol=rtol, atol=atol * max(1.0, float(ref.abs().max()))
+        )
     ):
         raise Unsupported("the traced graph does not reproduce the model's output")
-    return runner, out
+    return runner, out, key
 
 
 def sensitivity(
@@ -464,6 +533,7 @@ def sensitivity(
     blur_sigma: float = 8.0,
     device: DeviceLike | None = None,
     progress: bool | None = None,
+    output: OutputKey | None = None,
 ) -> SensitivityResult:
     """Occlusion sensitivity: slide a ``window`` over ``x`` (``stride`` apart) and record how
     much ``target`` drops when the window is filled.
@@ -494,6 +564,15 @@ def sensitivity(
     The forward runs in eval mode under ``no_grad``; training flags are restored and no
     hook is left behind. ``device``: ``None`` runs where the model is; otherwise the model
     is moved there (``model.to``, in place).
+
+    Any model form: ``torch.compile`` and DataParallel are unwrapped; a float16 / bfloat16
+    model runs in its dtype (the scores in float32; ``settings["dtype"]``); a model that
+    returns a dict, tuple, list, namedtuple or dataclass has its class scores chosen by
+    ``output`` (a key, an index or an attribute name; by default the only 2-d tensor); a
+    TorchScript module takes class targets (full forwards per window: it cannot be traced)
+    but not layer targets. The model's own hooks run in the full forwards, and are held
+    aside (never called) in the incremental recomputation, which feeds leaf modules
+    partial patches.
 
     Example:
         >>> r = sensitivity(bundle, x, 258, window=32, stride=16)
@@ -529,6 +608,11 @@ def sensitivity(
     tgt = parse_target(target)
     if tgt.layer is not None:
         find_layers(net, [tgt.layer])  # LayerNotFoundError with the closest names
+        if output is not None:
+            raise ValueError(
+                f"output={output!r} chooses the model's class scores, but target "
+                f"{tgt.spec!r} reads a layer: leave output out"
+            )
     win = _pair(window, "window")
     step = _pair(stride, "stride")
     H, W = int(x.shape[-2]), int(x.shape[-1])
@@ -546,30 +630,50 @@ def sensitivity(
         net.to(dev)
     else:
         dev = model_device(net)
-    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model_dtype(net)
     x = x.detach().to(dev, dtype)
+    if mean is not None and len(mean) != x.shape[0]:
+        raise ValueError(
+            f"mean and std have {len(mean)} values but the input has {x.shape[0]} channel(s): "
+            "give one value per channel"
+        )
     if tgt.layer is not None and tgt.call is None:
-        _check_single_call(net, x, tgt)
+        with dtype_support(dtype, dev):
+            _check_single_call(net, x, tgt)
     base = _baseline(x, fill, mean, std, blur_sigma)
 
     notices: list[str] = []
     used = method
+    output_key: OutputKey | None = None
     scores = torch.empty(len(boxes), dtype=torch.float32)
-    with evaluating(net), torch.no_grad():
+    with (
+        evaluating(net),
+        torch.no_grad(),
+        dtype_support(dtype, dev),
+        contextlib.ExitStack() as aside,
+    ):
         runner: Any = None
-        if method == "incremental":
+        if method == "incremental" and is_scripted(net):
+            notices.append(
+                "a TorchScript module cannot be traced by torch.fx; using full forwards "
+                "instead (exact, slower)"
+            )
+            used = "naive"
+        elif method == "incremental":
             from convlens.analysis._incremental import Unsupported
 
             try:
-                runner, out = _incremental(net, x, tgt, approximate)
+                runner, out, output_key = _incremental(net, x, tgt, approximate, output)
             except Unsupported as e:
                 notices.append(f"{e}; using full forwards instead (exact, slower)")
                 used = "naive"
         if runner is not None:
             score0 = float(_read(out, tgt)[0])
+            aside.enter_context(hooks_aside(net))  # the windows run leaf modules on patches
         else:
-            naive = _Naive(net, x, tgt)
+            naive = _Naive(net, x, tgt, output)
             score0 = float(naive.scores(x.unsqueeze(0))[0])
+            output_key = naive.key
         bs = batch_size if isinstance(batch_size, int) else None
         if bs is None and runner is None:
             bs = _auto_batch(naive.per_window_bytes(), len(boxes), dev)
@@ -639,6 +743,8 @@ def sensitivity(
             "approximate": approximate,
             "device": str(dev),
             "notices": notices,
+            "dtype": dtype_name(dtype),
+            **({"output": output_key} if output_key is not None else {}),
             **({"blur_sigma": blur_sigma} if fill == "blur" else {}),
         },
     )

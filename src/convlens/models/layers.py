@@ -10,15 +10,17 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from convlens.device import DeviceLike, resolve_device
 from convlens.errors import LayerNotFoundError
+from convlens.models.forms import hooks_aside, is_scripted, model_dtype, require_hooks
 
 __all__ = [
     "LayerInfo",
@@ -34,14 +36,36 @@ __all__ = [
 _CALL_RE = re.compile(r"^(?P<name>.*?)#(?P<call>\d+)$")
 
 
+def _compiled_type() -> type | None:
+    # torch.compile's wrapper; a model can only be compiled once torch._dynamo is imported,
+    # so there is no need to import it (slow) to check.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(eval_frame, "OptimizedModule", None) if eval_frame is not None else None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside ``DataParallel`` / ``DistributedDataParallel`` wrappers (else itself)."""
+    """The model inside ``DataParallel`` / ``DistributedDataParallel`` wrappers and
+    ``torch.compile``'s ``OptimizedModule`` (its ``_orig_mod``), in any nesting; else itself.
+
+    Every compute function starts here, so layer names are the user's own and the original
+    eager module is what runs (hooks sit on its modules; nothing gets compiled).
+
+    Example:
+        >>> net = SimpleCNN()
+        >>> unwrap(torch.compile(nn.DataParallel(net))) is net
+        True
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+    compiled = _compiled_type()
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            model = cast(nn.Module, model._orig_mod)
+        else:
+            return model
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,7 @@ def find_layers(model: nn.Module, layers: str | Iterable[str]) -> list[LayerRef]
         ['layer4', 'relu#0']
     """
     model = unwrap(model)
+    require_hooks(model, "reading a layer by name")
     if isinstance(layers, str):
         layers = [s for s in layers.split(",") if s.strip()]
     refs: list[LayerRef] = []
@@ -159,19 +184,24 @@ def trace_calls(
     input_shape: Sequence[int],
     names: Iterable[str] | None = None,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, list[tuple[int, ...] | None]]:
     """Run one forward (on the meta device when possible) and record, for each named module,
     the output shape of every call: ``{name: [shape_call0, shape_call1, ...]}``.
 
-    Modules that never run map to ``[]``. The model's modes are restored and every hook
-    removed, even on error.
+    ``dtype`` is the input's (default: the model's own, see
+    :func:`convlens.models.forms.model_dtype`). Modules that never run map to ``[]``. The model's modes are restored and every hook
+    removed, even on error. The model's own hooks are held aside during this probe (they
+    never see its meta tensors) and are back, unchanged, afterwards.
 
     Example:
         >>> trace_calls(SimpleCNN(), (1, 3, 32, 32), ["pool"])
         {'pool': [(1, 16, 16, 16), (1, 32, 8, 8), (1, 64, 4, 4)]}
     """
     model = unwrap(model)
+    require_hooks(model, "tracing the calls of each layer")
+    if dtype is None:
+        dtype = model_dtype(model)
     modules = dict(model.named_modules())
     wanted = [n for n in modules if n] if names is None else list(names)
     calls: dict[str, list[tuple[int, ...] | None]] = {n: [] for n in wanted}
@@ -183,19 +213,20 @@ def trace_calls(
         return hook
 
     handles = []
-    try:
-        for n in wanted:
-            handles.append(modules[n].register_forward_hook(make_hook(n)))
-        with evaluating(model), torch.no_grad():
-            try:
-                _meta_forward(model, input_shape, dtype)
-            except Exception:  # data-dependent code or an op without a meta kernel
-                for v in calls.values():
-                    v.clear()
-                _real_forward(model, input_shape, dtype)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks_aside(model):
+        try:
+            for n in wanted:
+                handles.append(modules[n].register_forward_hook(make_hook(n)))
+            with evaluating(model), torch.no_grad():
+                try:
+                    _meta_forward(model, input_shape, dtype)
+                except Exception:  # data-dependent code or an op without a meta kernel
+                    for v in calls.values():
+                        v.clear()
+                    _real_forward(model, input_shape, dtype)
+        finally:
+            for h in handles:
+                h.remove()
     return calls
 
 
@@ -211,13 +242,16 @@ class LayerInfo:
     params: int
     output_shapes: tuple[tuple[int, ...] | None, ...] = ()
     depth: int = 0
+    #: False where shapes and calls could not be measured (a TorchScript module takes no
+    #: hooks): then ``output_shape`` is None and ``calls`` 0 mean "unknown".
+    measured: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "type": self.type,
             "output_shape": list(self.output_shape) if self.output_shape else None,
-            "calls": self.calls,
+            "calls": self.calls if self.measured else None,
             "params": self.params,
         }
 
@@ -235,6 +269,8 @@ def list_layers(
     never runs has ``calls == 0`` and no shape. Shapes come from the meta device (no
     arithmetic); only a model the meta device cannot run does a real forward, where the
     model is (``device=None``) or on ``device`` (the model is moved there, in place).
+    A TorchScript module cannot take the hooks that measure shapes: its layers are listed
+    by name, type and parameters, with ``measured=False`` (no shapes, no call counts).
 
     Example:
         >>> [(l.name, l.output_shape, l.calls) for l in list_layers(SimpleCNN())][-3:]
@@ -247,6 +283,20 @@ def list_layers(
         )
     if device is not None:
         model.to(resolve_device(device))
+    if is_scripted(model):
+        return [
+            LayerInfo(
+                name=name,
+                type=str(getattr(module, "original_name", type(module).__name__)),
+                output_shape=None,
+                calls=0,
+                params=sum(p.numel() for p in module.parameters()),
+                depth=name.count(".") + 1,
+                measured=False,
+            )
+            for name, module in model.named_modules()
+            if name
+        ]
     calls = trace_calls(model, input_shape)
     out = []
     for name, module in model.named_modules():

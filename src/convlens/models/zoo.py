@@ -31,6 +31,7 @@ CLI's analysis commands use, so they work offline), or a named set of weights.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import math
@@ -84,6 +85,11 @@ class Preprocess:
     """Resize the shorter side, centre-crop, normalise: ``[3, H, W]`` in [0, 1] (or a PIL
     image) to the model's input ``[3, crop, crop]``.
 
+    The model's input has one channel per ``mean`` value (:attr:`channels`): a
+    greyscale model's preprocessing (one value) takes an RGB image or a PIL image and
+    makes it grey (:func:`convlens.images.to_grayscale`), or a ``[1, H, W]`` image; one of
+    4 or more channels takes ``[C, H, W]`` tensors.
+
     Example:
         >>> Preprocess(resize=256, crop=224)(torch.rand(3, 300, 400)).shape
         torch.Size([3, 224, 224])
@@ -95,16 +101,36 @@ class Preprocess:
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bilinear"
 
+    @property
+    def channels(self) -> int:
+        """The model's input channels: one per ``mean`` value."""
+        return len(self.mean)
+
     def __call__(self, img: torch.Tensor | Image.Image) -> torch.Tensor:
         import torchvision.transforms.v2.functional as TF
         from torchvision.transforms import InterpolationMode
 
-        if isinstance(img, Image.Image):
-            from convlens.images import load_image
+        from convlens.images import load_image, to_grayscale
 
-            img = load_image(img)
-        if not isinstance(img, torch.Tensor) or img.ndim != 3 or img.shape[0] != 3:
-            raise ValueError("preprocess takes an RGB image [3, H, W] in [0, 1] or a PIL image")
+        c = self.channels
+        if len(self.std) != c:
+            raise ValueError(f"mean has {c} values but std {len(self.std)}: one per channel")
+        if isinstance(img, Image.Image):
+            if c not in (1, 3):
+                raise ValueError(
+                    f"the model takes {c}-channel input: pass a [{c}, H, W] tensor, not a PIL image"
+                )
+            img = load_image(img, channels=c)
+        takes = (1, 3) if c == 1 else (c,)
+        if not isinstance(img, torch.Tensor) or img.ndim != 3 or img.shape[0] not in takes:
+            if c == 3:
+                raise ValueError("preprocess takes an RGB image [3, H, W] in [0, 1] or a PIL image")
+            raise ValueError(
+                f"preprocess takes an image [{c}, H, W] in [0, 1]"
+                + (" (or RGB [3, H, W], made grey) or a PIL image" if c == 1 else "")
+            )
+        if c == 1:
+            img = to_grayscale(img)
         x = img.float()
         mode = InterpolationMode(self.interpolation)
         if self.resize is not None:
@@ -214,19 +240,36 @@ def _unknown_model(spec: str) -> ModelLoadError:
     )
 
 
-def build_architecture(arch: str, num_classes: int | None = None, *, seed: int = 0) -> nn.Module:
+def build_architecture(
+    arch: str,
+    num_classes: int | None = None,
+    *,
+    seed: int = 0,
+    in_channels: int | None = None,
+) -> nn.Module:
     """A randomly initialised model of architecture ``arch`` (``simple_cnn``, a torchvision
     name, ``timm:<name>``, ``efficientnet_lite0`` or ``inceptionv1``), seeded so the same
     seed gives the same weights; the global RNG state is left untouched.
+
+    ``in_channels``: input channels other than 3 (a greyscale network: 1), for
+    ``simple_cnn`` and ``timm:<name>`` (timm's ``in_chans``).
 
     Example:
         >>> build_architecture("simple_cnn", 10).fc.out_features
         10
     """
+    if in_channels is not None and in_channels != 3:
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if arch != "simple_cnn" and not arch.startswith(TIMM_PREFIX):
+            raise ModelLoadError(
+                f"{arch!r} is built for 3-channel input; convlens builds other channel counts "
+                "for simple_cnn and timm:<name> models (or build the model yourself)"
+            )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if arch == "simple_cnn":
-            return SimpleCNN(num_classes=num_classes or 10)
+            return SimpleCNN(num_classes=num_classes or 10, in_channels=in_channels or 3)
         if arch == EFFICIENTNET_LITE0:
             from convlens.models.efficientnet_lite0 import build_efficientnet_lite0
 
@@ -241,6 +284,8 @@ def build_architecture(arch: str, num_classes: int | None = None, *, seed: int =
         if arch.startswith(TIMM_PREFIX):
             import timm
 
+            if in_channels is not None and in_channels != 3:
+                kwargs["in_chans"] = in_channels
             model: nn.Module = timm.create_model(_timm_arch(arch), pretrained=False, **kwargs)
             return model
         if arch not in torchvision_names():
@@ -629,6 +674,43 @@ def _arch_preprocess(arch: str, model: nn.Module) -> tuple[Preprocess, list[str]
     return pre, labels if labels is not None and n_out == len(labels) else None
 
 
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _saved_in_channels(model: nn.Module, state: Mapping[str, torch.Tensor]) -> int | None:
+    """The input channels of the checkpoint's first convolution, when they are not the
+    built model's (a greyscale network saved as a state dict)."""
+    first = _first_conv(model)
+    if first is None:
+        return None
+    saved = state.get(f"{first[0]}.weight")
+    if saved is None or saved.ndim != 4:
+        return None
+    c = int(saved.shape[1]) * int(first[1].groups)
+    return c if c != first[1].in_channels else None
+
+
+def _preprocess_for_channels(pre: Preprocess, channels: int) -> tuple[Preprocess, str | None]:
+    """``pre`` for a model taking ``channels`` channels; a 3-value normalisation is averaged
+    for a greyscale model (and extended by its average past the third channel), with a
+    note saying so."""
+    if len(pre.mean) == channels:
+        return pre, None
+    m, s = sum(pre.mean) / len(pre.mean), sum(pre.std) / len(pre.std)
+    if channels < len(pre.mean):
+        mean, std = (m,) * channels, (s,) * channels
+    else:
+        extra = channels - len(pre.mean)
+        mean, std = tuple(pre.mean) + (m,) * extra, tuple(pre.std) + (s,) * extra
+    note = (
+        f"the checkpoint's model takes {channels}-channel input and says nothing of its "
+        f"normalisation: using mean {[round(v, 4) for v in mean]}, std "
+        f"{[round(v, 4) for v in std]} (set bundle.preprocess to your own)"
+    )
+    return dataclasses.replace(pre, mean=mean, std=std), note
+
+
 def _from_checkpoint(path: Path, arch: str | None, seed: int) -> ModelBundle:
     state, info = read_checkpoint(path)
     arch = arch or info.get("arch")
@@ -641,11 +723,16 @@ def _from_checkpoint(path: Path, arch: str | None, seed: int) -> ModelBundle:
         )
     num_classes = info.get("num_classes")
     model = build_architecture(arch, num_classes, seed=seed)
+    in_channels = _saved_in_channels(model, state)
+    if in_channels is not None and (arch == "simple_cnn" or arch.startswith(TIMM_PREFIX)):
+        model = build_architecture(arch, num_classes, seed=seed, in_channels=in_channels)
     head = _head(model)
     if num_classes is None and head is not None:
         saved = state.get(f"{head[0]}.weight")
         if saved is not None and saved.ndim == 2 and saved.shape[0] != head[1].out_features:
-            model = build_architecture(arch, int(saved.shape[0]), seed=seed)
+            model = build_architecture(
+                arch, int(saved.shape[0]), seed=seed, in_channels=in_channels
+            )
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -665,6 +752,8 @@ def _from_checkpoint(path: Path, arch: str | None, seed: int) -> ModelBundle:
             k: tuple(v) if isinstance(v, list) else v for k, v in info["preprocess"].items()
         }
         pre = Preprocess(**fields)
+    first = _first_conv(model)
+    pre, note = _preprocess_for_channels(pre, first[1].in_channels if first else len(pre.mean))
     classes = info.get("classes")
     return ModelBundle(
         model=model,
@@ -674,7 +763,10 @@ def _from_checkpoint(path: Path, arch: str | None, seed: int) -> ModelBundle:
         labels=list(classes) if classes else arch_labels,
         pretrained=True,
         source=f"checkpoint {path}",
-        info={k: v for k, v in info.items() if k != "classes"},
+        info={
+            **{k: v for k, v in info.items() if k != "classes"},
+            **({"note": note} if note else {}),
+        },
         weights=path.name,
     )
 
