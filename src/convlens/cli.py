@@ -128,6 +128,18 @@ MODEL_HELP = (
 )
 
 
+def _output_option(fn: F) -> F:
+    return click.option(
+        "--output",
+        "output",
+        default=None,
+        metavar="KEY",
+        help="For a model that returns a dict, tuple or dataclass: the entry holding the "
+        "class scores (a key such as logits, an index, or an attribute name). Default: "
+        "the only 2-d tensor.",
+    )(fn)
+
+
 def _load_bundle(spec: str, weights: str, arch: str | None, seed: int, device: Any) -> Any:
     """load_model for a command; a fallback to random init is noted on stderr at the end."""
     from convlens.models import load_model
@@ -206,20 +218,22 @@ def layers_cmd(
     dev = resolve_device(device)
     bundle = _load_bundle(model, weights, arch, seed, dev)
     size = input_size if input_size is not None else bundle.input_size
-    infos = list_layers(bundle.model, (1, 3, size, size))
+    c = bundle.preprocess.channels
+    infos = list_layers(bundle.model, (1, c, size, size))
     w = max([len(i.name) for i in infos] + [5])
     tw = max([len(i.type) for i in infos] + [4])
-    click.echo(f"{bundle.description}, input 1x3x{size}x{size}")
+    click.echo(f"{bundle.description}, input 1x{c}x{size}x{size}")
     click.echo(f"{'layer'.ljust(w)}  {'type'.ljust(tw)}  {'output shape':<20} calls  params")
     for i in infos:
         shape = "x".join(map(str, i.output_shape)) if i.output_shape else "-"
-        click.echo(f"{i.name.ljust(w)}  {i.type.ljust(tw)}  {shape:<20} {i.calls:>5}  {i.params:,}")
+        calls = str(i.calls) if i.measured else "-"
+        click.echo(f"{i.name.ljust(w)}  {i.type.ljust(tw)}  {shape:<20} {calls:>5}  {i.params:,}")
     if out is not None:
         path = write_json(
             out / "layers.json",
             {
                 "model": bundle.description,
-                "input_shape": [1, 3, size, size],
+                "input_shape": [1, c, size, size],
                 "layers": [i.to_dict() for i in infos],
                 "versions": _versions(dev),
             },
@@ -620,6 +634,7 @@ def train_cmd(
 @click.option("--arch", default=None, help="Architecture of a .pt/.pth state dict.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a random init.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@_output_option
 @_out_option(Path("out"), "Folder for classify.json.")
 @_device_option
 @_handle_errors
@@ -632,6 +647,7 @@ def classify_cmd(
     arch: str | None,
     seed: int,
     batch_size: int,
+    output: str | None,
     out: Path,
     device: str,
 ) -> None:
@@ -655,7 +671,12 @@ def classify_cmd(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the note above says it once
         results = classify(
-            bundle, inputs, k=top, batch_size=batch_size, progress=len(inputs) > batch_size
+            bundle,
+            inputs,
+            k=top,
+            batch_size=batch_size,
+            progress=len(inputs) > batch_size,
+            output=output,
         )
     click.echo(bundle.description)
     for name, preds in zip(names, results):
@@ -734,7 +755,13 @@ def models_cmd(pattern: str | None, with_timm: bool, out: Path | None) -> None:
     "of mixed4a (inceptionv1) or the same depth of the model (blocks.4, layer3, ...).",
 )
 @click.option("--steps", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--size", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option(
+    "--size",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Image side in pixels. Default: the model's input size when below 128 (a 32 px "
+    "network renders at 32), else 128.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True)
 @click.option(
@@ -770,6 +797,7 @@ def models_cmd(pattern: str | None, with_timm: bool, out: Path | None) -> None:
     "show nothing learned, said in every output); or a named set.",
 )
 @click.option("--arch", default=None, help="Architecture of a .pt/.pth state dict.")
+@_output_option
 @_out_option(Path("out/visualize"), "PNGs, grid.png and render.json go here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_device_option
@@ -778,7 +806,7 @@ def visualize_cmd(
     model_spec: str,
     objective: str | None,
     steps: int,
-    size: int,
+    size: int | None,
     seed: int,
     lr: float,
     batch: int | None,
@@ -787,6 +815,7 @@ def visualize_cmd(
     redirect_relu: int,
     weights: str,
     arch: str | None,
+    output: str | None,
     out: Path,
     quiet: bool,
     device: str,
@@ -825,6 +854,7 @@ def visualize_cmd(
         thresholds=ts,
         redirect_relu=redirect_relu,
         progress=False if quiet else None,
+        output=output,
     )
     click.echo(f"{bundle.description}\n{result.objective}, {steps} steps")
     click.echo(f"{'image':>5}  {'objective':>10}  target")
@@ -851,14 +881,16 @@ def visualize_cmd(
 
 
 def _save_png(image: torch.Tensor, path: Path) -> Path:
-    """``[C, H, W]`` in [0, 1] as an 8-bit PNG, written atomically."""
+    """``[C, H, W]`` in [0, 1] as an 8-bit PNG, written atomically: greyscale for one
+    channel, RGB of the first 3 otherwise."""
     from PIL import Image
 
     from convlens._io import atomic_open
 
-    arr = (image[:3].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    shown = image[:3] if image.shape[0] >= 3 else image[:1]
+    arr = (shown.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     with atomic_open(path, "wb") as fh:
-        Image.fromarray(arr).save(fh, format="PNG")
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(fh, format="PNG")
     return path
 
 
@@ -988,6 +1020,7 @@ def tour_cmd(
     "--batch-size", default="auto", show_default=True, help="Windows per forward, or auto."
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_output_option
 @_out_option(Path("out"), "Folder for sensitivity.png and sensitivity.json.")
 @_model_options
 @_device_option
@@ -1003,6 +1036,7 @@ def sensitivity_cmd(
     approximate: float | None,
     batch_size: str,
     quiet: bool,
+    output: str | None,
     out: Path,
     weights: str,
     arch: str | None,
@@ -1026,8 +1060,13 @@ def sensitivity_cmd(
     bundle = _load_bundle(model_spec, weights, arch, seed, dev)
     x, source = _load_input(bundle, image)
     if target is None:
-        with torch.no_grad():
-            logits = bundle.model(x.unsqueeze(0).to(dev))
+        from convlens.models.forms import model_dtype, select_output
+        from convlens.models.layers import evaluating, unwrap
+
+        net = unwrap(bundle.model)
+        with evaluating(net), torch.no_grad():
+            out_value = net(x.unsqueeze(0).to(dev, model_dtype(net)))
+        logits, _ = select_output(out_value, output, what="the default --target")
         if logits.ndim != 2:
             raise BadInput("the model does not output class scores: give --target layer:channel")
         target = str(int(logits.argmax(dim=1)[0]))
@@ -1045,6 +1084,7 @@ def sensitivity_cmd(
             method=method,  # type: ignore[arg-type]
             approximate=approximate,
             progress=False if quiet else None,
+            output=output,
         )
     for w in caught:
         _note(str(w.message).removeprefix("convlens.sensitivity: "))

@@ -406,3 +406,29 @@ def test_dataparallel_is_unwrapped() -> None:
     b = dataset_examples(nn.DataParallel(model), data, ["conv2"], k=3, progress=False)
     assert a.top("conv2", 2) == b.top("conv2", 2)
     assert math.isclose(a.stats("conv2", 2).mean, b.stats("conv2", 2).mean)
+
+
+def test_the_users_hooks_see_only_real_activations() -> None:
+    class Blocky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+            self.head = nn.Conv2d(4, 5, 3, stride=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.block(x))
+
+    torch.manual_seed(0)
+    model = Blocky().eval()
+    kept: list = []
+    handle = model.block.register_forward_hook(lambda m, i, o: kept.append(o))
+    try:
+        r = dataset_examples(model, tiny_data(n=6), ["head"], k=2, batch_size=3, progress=False)
+        assert r.layers["head"].receptive is not None and r.layers["head"].receptive.bounded
+        # The pass ran the model twice (two batches of 3); the probes (shape trace, fx
+        # trace for the receptive field) never reached the user's hook.
+        assert len(kept) == 2
+        assert all(type(o) is torch.Tensor and not o.is_meta and o.shape[0] == 3 for o in kept)
+        assert list(model.block._forward_hooks) == [handle.id]
+    finally:
+        handle.remove()

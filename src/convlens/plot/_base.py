@@ -21,6 +21,7 @@ __all__ = [
     "image_grid",
     "new_figure",
     "save_figure",
+    "show_image",
     "to_numpy_image",
 ]
 
@@ -58,15 +59,31 @@ def hide_ticks(ax: Axes) -> None:
 
 
 def to_numpy_image(img: torch.Tensor) -> Any:
-    """``[3, H, W]`` / ``[1, H, W]`` / ``[H, W]`` tensor to a numpy array for ``imshow``."""
+    """``[3, H, W]`` / ``[1, H, W]`` / ``[H, W]`` tensor to a numpy array for ``imshow``
+    (``[H, W, 3]``, or ``[H, W]`` for one channel); of more channels the first 3 are shown,
+    of 2 the first."""
     t = img.detach().float().cpu()
-    if t.ndim == 3 and t.shape[0] in (1, 3):
+    if t.ndim == 3 and t.shape[0] >= 1:
+        t = t[:3] if t.shape[0] >= 3 else t[:1]
         t = t.permute(1, 2, 0)
         if t.shape[2] == 1:
             t = t[:, :, 0]
     elif t.ndim != 2:
         raise ValueError(f"expected an image [3, H, W] or [H, W], got {list(img.shape)}")
     return t.clamp(0, 1).numpy() if t.ndim == 3 else t.numpy()
+
+
+def show_image(ax: Axes, img: torch.Tensor, **kwargs: Any) -> Any:
+    """``imshow`` an image in ``[0, 1]`` of any number of channels: RGB as colour (of 4 or
+    more channels the first 3), one channel as greyscale on the same 0..1 scale.
+
+    Example:
+        >>> show_image(ax, torch.rand(1, 32, 32))  # greyscale, not a colour map
+    """
+    arr = to_numpy_image(img)
+    if arr.ndim == 2:
+        kwargs = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0, **kwargs}
+    return ax.imshow(arr, **kwargs)
 
 
 def image_grid(
@@ -79,7 +96,8 @@ def image_grid(
     fontsize: int = 8,
     suptitle: str = "",
 ) -> Figure:
-    """Images (``[3, H, W]`` in [0, 1]) in a near-square grid, each with its title."""
+    """Images (``[C, H, W]`` in [0, 1]: RGB, greyscale for one channel, the first 3 of
+    more) in a near-square grid, each with its title."""
     n = len(images)
     if n == 0 or n != len(titles):
         raise ValueError("need one title per image (at least one image)")
@@ -91,7 +109,7 @@ def image_grid(
         if i >= n:
             ax.set_axis_off()
             continue
-        ax.imshow(to_numpy_image(images[i][:3]))
+        show_image(ax, images[i])
         ax.set_title(titles[i], fontsize=fontsize, color=colors[i] if colors else "black")
     if suptitle:
         fig.suptitle(suptitle, fontsize=fontsize + 1)

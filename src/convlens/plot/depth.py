@@ -11,7 +11,7 @@ from convlens.analysis.depth import DepthMaps, depth_maps
 from convlens.device import DeviceLike
 from convlens.images import ImageSource
 from convlens.models.zoo import ModelBundle
-from convlens.plot._base import hide_ticks, new_figure, to_numpy_image
+from convlens.plot._base import hide_ticks, new_figure, show_image
 
 __all__ = ["depth_comparison"]
 
@@ -54,7 +54,7 @@ def depth_comparison(
     n = len(result.layers)
     fig = new_figure(3.4 * (n + 1), 3.9)
     axes = fig.subplots(1, n + 1, squeeze=False)[0]
-    axes[0].imshow(to_numpy_image(result.image))
+    show_image(axes[0], result.image)
     h, w = result.image.shape[1:]
     axes[0].set_title(f"input {h}x{w}")
     hide_ticks(axes[0])

@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from convlens.analysis.occlusion import OcclusionResult
-from convlens.plot._base import hide_ticks, new_figure, to_numpy_image
+from convlens.plot._base import hide_ticks, new_figure, show_image
 
 __all__ = ["occlusion"]
 
@@ -37,10 +37,10 @@ def occlusion(result: OcclusionResult, layers: Sequence[str] | None = None) -> F
     fig = new_figure(3.3 * n, 3.9)
     axes = fig.subplots(1, n, squeeze=False)[0]
     orig, occ = result.display_images()
-    axes[0].imshow(to_numpy_image(orig))
+    show_image(axes[0], orig)
     _outline(axes[0], result.box)
     axes[0].set_title("original")
-    axes[1].imshow(to_numpy_image(occ))
+    show_image(axes[1], occ)
     axes[1].set_title(f"occluded (fill: {result.fill})")
     for ax, name in zip(axes[2:], names):
         ch = result.layers[name]

@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from convlens.analysis.sensitivity import SensitivityResult
-from convlens.plot._base import hide_ticks, new_figure, to_numpy_image
+from convlens.plot._base import hide_ticks, new_figure, show_image
 
 __all__ = ["sensitivity"]
 
@@ -21,8 +21,11 @@ def _display(image: Any, result: SensitivityResult) -> torch.Tensor:
         t = image.detach().float().cpu()
         if t.ndim == 4 and t.shape[0] == 1:
             t = t[0]
-        if t.ndim != 3 or t.shape[0] not in (1, 3):
-            raise ValueError(f"image must be [3, H, W] in [0, 1], got {list(image.shape)}")
+        if t.ndim != 3 or t.shape[0] not in (1, 3, int(result.input.shape[0])):
+            raise ValueError(
+                f"image must be [3, H, W] (or [1, H, W], or the model input's "
+                f"[{result.input.shape[0]}, H, W]) in [0, 1], got {list(image.shape)}"
+            )
         return t
     from convlens.images import load_image
 
@@ -41,7 +44,8 @@ def sensitivity(
     position (``result.map``). Red: filling the window lowers the target; blue: raises it
     (one colour scale, centred on 0).
 
-    ``image``: what to draw under the map, ``[3, H, W]`` in ``[0, 1]`` or a PIL image
+    ``image``: what to draw under the map, ``[3, H, W]`` in ``[0, 1]`` (``[1, H, W]`` is
+    drawn grey) or a PIL image
     (stretched to the input's size if it differs); ``None`` shows the model input,
     un-normalised with the result's mean and std.
 
@@ -50,7 +54,7 @@ def sensitivity(
     """
     if not isinstance(result, SensitivityResult):
         raise TypeError(f"expected a SensitivityResult, got {type(result).__name__}")
-    img = to_numpy_image(_display(image, result))
+    img = _display(image, result)
     H, W = result.attribution.shape
     attr = result.attribution.numpy()
     drops = result.map.numpy()
@@ -62,7 +66,7 @@ def sensitivity(
     i, j = divmod(int(result.map.argmax()), result.map.shape[1])
     top, left = result.ys[i], result.xs[j]
     bottom, right = min(top + result.window[0], H), min(left + result.window[1], W)
-    axes[0].imshow(img, extent=extent)
+    show_image(axes[0], img, extent=extent)
     axes[0].add_patch(
         Rectangle(
             (left - 0.5, top - 0.5),
@@ -76,7 +80,7 @@ def sensitivity(
     label = f"{result.target} ({result.target_label})" if result.target_label else result.target
     axes[0].set_title(f"target {label}\nscore {result.score:.4g}; largest drop outlined")
 
-    axes[1].imshow(img, extent=extent)
+    show_image(axes[1], img, extent=extent)
     im = axes[1].imshow(attr, cmap=cmap, vmin=-limit, vmax=limit, alpha=alpha, extent=extent)
     kind = "exact" if result.exact else "APPROXIMATE"
     axes[1].set_title(

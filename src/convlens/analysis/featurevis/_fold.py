@@ -2,8 +2,14 @@
 
 In eval mode ``bn(conv(x))`` is one convolution with rescaled weights and a new bias, so
 a render that runs the model hundreds of times can skip every BatchNorm forward and
-backward. The user's model is never changed: the folding happens in a deep copy, and
-:func:`fold_batchnorm` returns ``None`` (use the model as it is) when nothing folds.
+backward. The user's model is never changed, and nothing on it is copied: the folding
+happens in a *structural* copy (:func:`structural_copy`: every module shallow-copied with
+its own attribute table, parameters and buffers as views of the model's storage, no hooks),
+and the fused weights are computed from the parameters, in float32 whatever the model's
+dtype. :func:`fold_batchnorm` returns ``None`` (use the model as it is) when nothing folds.
+The copy carries none of the user's hooks (a ``SaveFeatures``-style hook object holding a
+tensor with autograd history is never deep-copied); state the user hung on a module is
+shared by reference, never copied.
 
 Pairs are found by running the copy once: a BatchNorm folds into a ``Conv2d`` when its
 input is that convolution's output, both run exactly once per forward, and the
@@ -18,15 +24,100 @@ conv) would change there too.
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["fold_batchnorm"]
+from convlens.models.forms import HOOK_TABLES, is_scripted
+
+__all__ = ["fold_batchnorm", "fuse_conv_bn", "structural_copy"]
+
+# Per-module tables convlens must not carry into a copy: every hook (and the hook ids of
+# the with_kwargs / always_called sets) and the state-dict hooks.
+_HOOK_STATE = (
+    *HOOK_TABLES,
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree that shares its weights and none of its hooks.
+
+    Every module is shallow-copied (a new attribute table, so setting an attribute on the
+    copy leaves the model alone); its parameters become new ``requires_grad=False``
+    parameters over the same storage (no memory), its buffers views of the same storage,
+    its hook tables empty, and its submodules copies made the same way. Anything else a
+    module holds (the user's own state) is shared by reference, never copied; a tensor
+    attribute with autograd history is shared detached (the same values, no link into the
+    user's graph). Replace modules of the copy, not their tensors in place.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3))
+        >>> twin = structural_copy(net)
+        >>> twin[0] is not net[0], twin[0].weight.data_ptr() == net[0].weight.data_ptr()
+        (True, True)
+    """
+    done: dict[int, nn.Module] = {}
+
+    def copy_of(m: nn.Module) -> nn.Module:
+        if id(m) in done:  # a module registered under two names stays one module
+            return done[id(m)]
+        twin = object.__new__(type(m))
+        done[id(m)] = twin
+        state = twin.__dict__
+        state.update(m.__dict__)
+        for k, v in state.items():  # the user's tensors: the same values, no autograd history
+            if isinstance(v, torch.Tensor) and v.requires_grad:
+                state[k] = v.detach()
+        for name in _HOOK_STATE:
+            table = state.get(name)
+            if table is not None:
+                state[name] = type(table)()
+        state["_parameters"] = {
+            k: None if p is None else nn.Parameter(p.detach(), requires_grad=False)
+            for k, p in m._parameters.items()
+        }
+        state["_buffers"] = {k: None if b is None else b.detach() for k, b in m._buffers.items()}
+        state["_non_persistent_buffers_set"] = set(m._non_persistent_buffers_set)
+        state["_modules"] = {k: None if c is None else copy_of(c) for k, c in m._modules.items()}
+        return twin
+
+    return copy_of(model)
+
+
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """``conv`` followed by eval-mode ``bn`` as one convolution: a structural copy of
+    ``conv`` with the rescaled weight and the new bias, computed from the parameters in
+    float32 and stored in the convolution's dtype (no parameter gradients).
+
+    Example:
+        >>> conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval()
+        >>> x = torch.rand(1, 3, 8, 8)
+        >>> torch.allclose(fuse_conv_bn(conv, bn)(x), bn(conv(x)), atol=1e-6)
+        True
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("a BatchNorm without running statistics does not fold")
+    w = conv.weight.detach()
+    dtype = w.dtype
+    n = w.shape[0]
+    mean = bn.running_mean.detach().float()
+    scale = torch.rsqrt(bn.running_var.detach().float() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().float()
+    shift = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(mean)
+    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(mean)
+    fused = structural_copy(conv)
+    new_w = (w.float() * scale.view(n, *([1] * (w.ndim - 1)))).to(dtype)
+    new_b = ((bias - mean) * scale + shift).to(dtype)
+    fused._parameters["weight"] = nn.Parameter(new_w, requires_grad=False)
+    fused._parameters["bias"] = nn.Parameter(new_b, requires_grad=False)
+    return cast(nn.Conv2d, fused)
 
 
 class _ActAfterNorm(nn.Module):
@@ -78,10 +169,12 @@ def fold_batchnorm(
     keep: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[nn.Module, int] | None:
     """A copy of ``model`` (in eval mode, no parameter gradients) with BatchNorms folded
-    into their convolutions, and how many were folded; ``None`` when none fold.
+    into their convolutions, and how many were folded; ``None`` when none fold (and for
+    a TorchScript module, which cannot be copied this way).
 
     ``example`` is one input batch (a batch of one is enough) used to find the pairs;
-    convolutions named in ``keep`` are left alone.
+    convolutions named in ``keep`` are left alone. The copy is a :func:`structural_copy`:
+    the model's hooks are not on it (they neither run in the copy nor see ``example``).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
@@ -89,12 +182,12 @@ def fold_batchnorm(
         >>> n, type(folded[1]).__name__
         (1, 'Identity')
     """
+    if is_scripted(model):
+        return None
     named = dict(model.named_modules())
     if not any(_foldable_bn(m) for m in named.values()):
         return None
-    clone = copy.deepcopy(model).eval()
-    for p in clone.parameters():
-        p.requires_grad_(False)
+    clone = structural_copy(model).eval()
     modules = dict(clone.named_modules())
     calls: Counter[str] = Counter()
     made: dict[int, str] = {}
@@ -142,7 +235,7 @@ def fold_batchnorm(
         # the hooks went only on foldable convolutions and BatchNorms
         conv = cast(nn.Conv2d, modules[conv_name])
         bn = cast(nn.BatchNorm2d, modules[bn_name])
-        _set(clone, conv_name, fuse_conv_bn_eval(conv, bn))
+        _set(clone, conv_name, fuse_conv_bn(conv, bn))
         _set(clone, bn_name, _after(bn))
         folded += 1
     if folded == 0:

@@ -10,7 +10,9 @@ whose forward returns the image ``[N, C, H, W]`` in ``[0, 1]``:
 - ``decorrelate=True``: the three channels are mixed by the square root of ImageNet's
   colour covariance (the matrix Lucid uses), normalised by its largest column norm, before
   a sigmoid maps them into ``[0, 1]``.
-- ``alpha=True`` adds a fourth, sigmoid alpha channel.
+- ``alpha=True`` adds a sigmoid alpha channel after the image's.
+- ``channels``: 3 (RGB) by default; 1 for a greyscale network, 4 or more for a
+  multi-channel one (colour decorrelation applies to 3 channels only).
 
 Every draw takes a ``torch.Generator``, so a seed gives the same starting image on the
 same device.
@@ -53,7 +55,10 @@ def fft_scale(h: int, w: int, decay: float = 1.0) -> torch.Tensor:
 
 
 class ImageParam(nn.Module):
-    """A batch of ``batch`` images of ``size`` (an int or ``(h, w)``) to optimise.
+    """A batch of ``batch`` images of ``size`` (an int or ``(h, w)``) with ``channels``
+    channels (plus alpha with ``alpha=True``) to optimise.
+
+    ``channels`` is the total, alpha included; ``image_channels`` the image's own.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -77,14 +82,19 @@ class ImageParam(nn.Module):
         decay: float = 1.0,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
+        channels: int = 3,
     ) -> None:
         super().__init__()
         h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         if h < 1 or w < 1 or batch < 1:
             raise ValueError(f"size and batch must be positive, got size {size}, batch {batch}")
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
         self.height, self.width, self.batch = h, w, batch
-        self.channels = 4 if alpha else 3
-        self.fft, self.decorrelate, self.alpha = fft, decorrelate, alpha
+        self.image_channels = channels
+        self.channels = channels + (1 if alpha else 0)
+        # colour decorrelation is ImageNet's RGB covariance: for 3 channels only
+        self.fft, self.decorrelate, self.alpha = fft, decorrelate and channels == 3, alpha
         gen_device = generator.device if generator is not None else torch.device("cpu")
         if fft:
             shape: tuple[int, ...] = (batch, self.channels, h, w // 2 + 1, 2)
@@ -104,10 +114,10 @@ class ImageParam(nn.Module):
 
     def forward(self) -> torch.Tensor:
         x = self.pre_activation()
-        rgb, rest = x[:, :3], x[:, 3:]
         if self.decorrelate:
-            rgb = torch.einsum("nchw,dc->ndhw", rgb, self.color)
-        return torch.sigmoid(torch.cat([rgb, rest], dim=1))
+            rgb, rest = x[:, :3], x[:, 3:]
+            x = torch.cat([torch.einsum("nchw,dc->ndhw", rgb, self.color), rest], dim=1)
+        return torch.sigmoid(x)
 
     @torch.no_grad()
     def set_image(self, image: torch.Tensor, eps: float = 1e-4) -> ImageParam:

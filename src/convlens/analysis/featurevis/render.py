@@ -36,6 +36,16 @@ from convlens.analysis.featurevis.param import ImageParam
 from convlens.capture import _expected_calls, _StopForward, model_device
 from convlens.device import DeviceLike, resolve_device
 from convlens.errors import ConvlensError
+from convlens.models.forms import (
+    HALF_TYPES,
+    OutputKey,
+    dtype_name,
+    dtype_support,
+    input_channels,
+    is_scripted,
+    model_dtype,
+    select_output,
+)
 from convlens.models.layers import LayerRef, evaluating, find_layers
 
 __all__ = ["RenderResult", "default_objective", "featurevis_layer", "render", "score"]
@@ -51,10 +61,12 @@ PreprocessArg = Any  # "auto" | None | False | (mean, std) | Preprocess | callab
 class RenderResult:
     """What :func:`render` made.
 
-    ``images``: the final images ``[N, 3, H, W]`` in ``[0, 1]`` (CPU). ``thresholds``:
+    ``images``: the final images ``[N, C, H, W]`` in ``[0, 1]`` (CPU), ``C`` the model's
+    input channels (3, or 1 for a greyscale network, 4 for a 4-channel one). ``thresholds``:
     the step counts at which a snapshot was taken (the last is ``steps``); ``snapshots``
-    ``[T, N, 3, H, W]`` the images then; ``values`` ``[T, N]`` the objective of each
-    image at each threshold, measured on the image itself (no transforms);
+    ``[T, N, C, H, W]`` the images then (an alpha channel included); ``values``
+    ``[T, N]`` the objective of each image at each threshold, measured on the image
+    itself (no transforms);
     ``times`` the seconds of optimisation up to each threshold (measuring excluded);
     ``trace`` ``[steps, N]`` the objective at every step, under that step's transforms;
     ``settings`` everything needed to reproduce the render; ``labels`` what each image
@@ -105,17 +117,29 @@ def _model_and_bundle(model: Any) -> tuple[nn.Module, Any]:
     return model_and_bundle(model)
 
 
+def _imagenet_like(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's normalisation for ``channels`` channels: its RGB values for the first
+    three, their average for a single channel and for every channel past the third."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    m, s = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+    if channels < 3:
+        return (m,) * channels, (s,) * channels
+    return IMAGENET_MEAN + (m,) * (channels - 3), IMAGENET_STD + (s,) * (channels - 3)
+
+
 def _normalizer(
-    preprocess: PreprocessArg, bundle: Any
+    preprocess: PreprocessArg, bundle: Any, channels: int = 3
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-    """``[0, 1]`` images -> the model's input, and how to describe it."""
+    """``[0, 1]`` images of ``channels`` channels -> the model's input, and how to
+    describe it."""
     from convlens.models.zoo import Preprocess
 
     if isinstance(preprocess, str) and preprocess == "auto":
         if bundle is not None:
             mean, std = bundle.normalize
         else:
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
+            mean, std = _imagenet_like(channels)
     elif preprocess is None or preprocess is False:
         return (lambda x: x), "none"
     elif isinstance(preprocess, Preprocess):
@@ -129,6 +153,11 @@ def _normalizer(
             "preprocess is 'auto' (the bundle's normalisation, ImageNet's for a bare "
             "module), None (the model takes [0, 1] images), (mean, std), a Preprocess or "
             f"a function; got {preprocess!r}"
+        )
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"the normalisation has {len(mean)} mean and {len(std)} std values but the model "
+            f"takes {channels}-channel images: give one value per channel"
         )
     m = torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1)
     s = torch.tensor([float(v) for v in std]).view(1, -1, 1, 1)
@@ -208,8 +237,12 @@ class _Forward:
     """The model with hooks on the objective's layers; ``__call__(x)`` returns a reader
     of this forward's activations."""
 
-    def __init__(self, net: nn.Module, objective: Objective) -> None:
+    def __init__(
+        self, net: nn.Module, objective: Objective, output: OutputKey | None = None
+    ) -> None:
         self.net = net
+        self.output = output
+        self.output_key: OutputKey | None = None
         self.names = [n for n in objective.layers if n not in (INPUT, OUTPUT)]
         self.full = OUTPUT in objective.layers or not self.names
         self.refs: list[LayerRef] = find_layers(net, self.names) if self.names else []
@@ -304,13 +337,8 @@ class _Forward:
             if name == INPUT:
                 return image
             if name == OUTPUT:
-                if isinstance(output, (tuple, list)):
-                    return output[0]
-                if not isinstance(output, torch.Tensor):
-                    raise TypeError(
-                        f"the model returns {type(output).__name__}; class_logit needs a tensor"
-                    )
-                return output
+                value, self.output_key = select_output(output, self.output, what="class_logit")
+                return value.float()
             base, _, call = name.partition("#")
             got = outputs.get(base)
             if not got:
@@ -321,7 +349,7 @@ class _Forward:
             k = int(call) if call else len(got) - 1
             if k >= len(got):
                 raise ValueError(f"layer {base!r} runs {len(got)} time(s); {name!r} does not exist")
-            return got[k]
+            return got[k].float()  # objectives compute in float32 (a no-op for float32)
 
         return acts
 
@@ -340,26 +368,38 @@ def _frozen(net: nn.Module) -> Iterator[None]:
 
 
 class _Pipeline:
-    """[0, 1] image -> (transforms) -> upsample -> normalise -> channels-last."""
+    """[0, 1] image -> (transforms) -> upsample -> normalise -> the model's dtype ->
+    channels-last. Everything before the cast is float32 (the image's parameters are)."""
 
     def __init__(
         self,
         normalize: Callable[[torch.Tensor], torch.Tensor],
         upsample_to: int | None,
         channels_last: bool,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.normalize = normalize
         self.upsample_to = upsample_to
         self.channels_last = channels_last
+        self.dtype = dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         s = self.upsample_to
         if s is not None and (x.shape[-2] < s or x.shape[-1] < s):
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=True)
         x = self.normalize(x)
+        if x.dtype != self.dtype and x.is_floating_point():
+            x = x.to(self.dtype)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+
+def _default_size(bundle: Any) -> int:
+    """The model's own input size when a bundle knows it and it is below 128, else 128."""
+    if bundle is not None and 0 < int(bundle.input_size) < 128:
+        return int(bundle.input_size)
+    return 128
 
 
 def _upsample_size(upsample: bool | int | None, bundle: Any, size: tuple[int, int]) -> int | None:
@@ -375,7 +415,11 @@ def _upsample_size(upsample: bool | int | None, bundle: Any, size: tuple[int, in
 
 
 def _fold_checked(
-    net: nn.Module, obj: Objective, example: torch.Tensor, channels_last: bool
+    net: nn.Module,
+    obj: Objective,
+    example: torch.Tensor,
+    channels_last: bool,
+    output: OutputKey | None = None,
 ) -> tuple[nn.Module, int]:
     """``(copy with BatchNorms folded, how many)`` when the copy gives the same outputs
     at every layer the objective reads; else ``(net, 0)``."""
@@ -388,21 +432,23 @@ def _fold_checked(
     clone, folded = got
     if channels_last:
         clone.to(memory_format=torch.channels_last)
-    a, b = _Forward(net, obj), _Forward(clone, obj)
+    a, b = _Forward(net, obj, output), _Forward(clone, obj, output)
+    # float32 round-off, or that of a half type (folding rounds the fused weights once)
+    tol = 2e-2 if example.dtype in HALF_TYPES else 1e-4
     with a.hooked(False), b.hooked(False), torch.no_grad():
         ra, rb = a(example, example), b(example, example)
         for name in obj.layers:
             if name == INPUT:
                 continue
-            ta, tb = ra(name), rb(name)
+            ta, tb = ra(name).float(), rb(name).float()
             scale = float(ta.abs().max()) + 1e-6
-            if ta.shape != tb.shape or float((ta - tb).abs().max()) > 1e-4 * scale:
+            if ta.shape != tb.shape or float((ta - tb).abs().max()) > tol * scale:
                 return net, 0
     return clone, folded
 
 
 def _values(obj: Objective, acts: Callable[[str], torch.Tensor], n: int) -> torch.Tensor:
-    v = obj(acts)
+    v = obj(acts).float()  # a half-precision model's values, summed in float32
     if v.ndim == 0:
         v = v.expand(n)
     if v.shape != (n,):
@@ -423,9 +469,11 @@ def score(
     preprocess: PreprocessArg = "auto",
     upsample: bool | int | None = True,
     device: DeviceLike | None = None,
+    output: OutputKey | None = None,
 ) -> torch.Tensor:
-    """The objective of each image (``[N, 3, H, W]`` in ``[0, 1]``), without transforms:
-    how :func:`render` measures its results, usable on any tool's images.
+    """The objective of each image (``[N, C, H, W]`` in ``[0, 1]``, ``C`` the model's input
+    channels), without transforms: how :func:`render` measures its results, usable on any
+    tool's images. ``output``: as for :func:`render`.
 
     Example:
         >>> b = convlens.load_model("efficientnet_lite0")
@@ -435,19 +483,29 @@ def score(
     net, bundle = _model_and_bundle(model)
     obj = parse(objective)
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError("images must be a tensor [N, 3, H, W] in [0, 1]")
+        raise ValueError("images must be a tensor [N, C, H, W] in [0, 1]")
     if images.shape[0] < obj.min_batch:
         raise ValueError(f"objective {obj} needs at least {obj.min_batch} images")
+    channels = input_channels(net, bundle)
+    if images.shape[1] != channels:
+        raise ValueError(
+            f"images have {images.shape[1]} channel(s) but the model takes {channels}: "
+            f"pass [N, {channels}, H, W]"
+        )
     dev = resolve_device(device) if device is not None else model_device(net)
     if device is not None:
         net.to(dev)
-    normalize, _ = _normalizer(preprocess, bundle)
+    dtype = model_dtype(net)
+    normalize, _ = _normalizer(preprocess, bundle, channels)
     pipe = _Pipeline(
-        normalize, _upsample_size(upsample, bundle, (images.shape[-2], images.shape[-1])), True
+        normalize,
+        _upsample_size(upsample, bundle, (images.shape[-2], images.shape[-1])),
+        True,
+        dtype,
     )
-    fwd = _Forward(net, obj)
+    fwd = _Forward(net, obj, output)
     img = images.to(dev, torch.float32)
-    with fwd.hooked(False), evaluating(net), torch.no_grad():
+    with fwd.hooked(False), evaluating(net), torch.no_grad(), dtype_support(dtype, dev):
         acts = fwd(pipe(img), img)
         return _values(obj, acts, img.shape[0]).detach().cpu()
 
@@ -456,7 +514,7 @@ def render(
     model: Any,
     objective: Objective | str,
     *,
-    size: int | tuple[int, int] = 128,
+    size: int | tuple[int, int] | None = None,
     steps: int = 512,
     lr: float = 0.05,
     batch: int | None = None,
@@ -473,6 +531,7 @@ def render(
     fold_bn: bool = True,
     device: DeviceLike | None = None,
     progress: bool | None = None,
+    output: OutputKey | None = None,
 ) -> RenderResult:
     """Images that maximise ``objective`` for ``model`` (activation maximization).
 
@@ -480,9 +539,12 @@ def render(
     a bare ``nn.Module`` (ImageNet normalisation unless ``preprocess`` says otherwise).
     ``objective``: an :class:`~.objectives.Objective` or the shorthand ``"layer:3"``,
     ``"layer:0-9"`` (one channel per batch image), ``"layer:3@7,7"`` (a neuron).
-    ``size``: the image side (or ``(h, w)``); images smaller than a bundle's input size
-    are upsampled to it after the transforms, as Lucent does (``upsample=False`` turns
-    that off, an int sets the size; a bare module is not upsampled unless given one). ``batch``: images to render (default: what the objective needs, else 1).
+    ``size``: the image side (or ``(h, w)``); by default the bundle's input size when it is
+    smaller than 128 (a 32 px CIFAR network renders at 32), else 128. Images smaller than
+    a bundle's input size are upsampled to it after the transforms, as Lucent does
+    (``upsample=False`` turns that off, an int sets the size; a bare module is not
+    upsampled unless given one). ``batch``: images to render (default: what the
+    objective needs, else 1).
     ``steps``, ``lr``: Adam's iterations and learning rate. ``seed``: the starting image
     and every transform draw. ``transforms``: ``"standard"`` (Lucid's set, fused),
     ``"none"``, or a list of transforms. ``thresholds``: step counts at which to keep a
@@ -494,6 +556,17 @@ def render(
     against the model, which is used as it is when they differ). ``device``: ``None``
     runs where the model is; otherwise the model is moved there.
 
+    Any model form: the images have as many channels as the model takes (a bundle's
+    normalisation says, else the first convolution's ``in_channels``; colour
+    decorrelation applies to 3 only; a bare module gets ImageNet's normalisation, averaged
+    for a channel it has no value for). A float16 / bfloat16 model gets the image cast to
+    its dtype for the forward; the image's parameters, Adam and the objective stay
+    float32 (``settings["dtype"]`` is the model's). A model that returns a dict, tuple or
+    dataclass has ``output:N`` / ``class_logit`` read the tensor named by ``output`` (by
+    default the only 2-d one). ``torch.compile`` is unwrapped; a TorchScript module takes
+    ``output:N`` objectives only (layers need hooks). The model's own hooks run when the
+    model itself runs; a BatchNorm-folded copy (``fold_bn``) carries none of them.
+
     Example:
         >>> b = convlens.load_model("efficientnet_lite0")
         >>> r = render(b, "blocks.4:0-9", size=224, steps=64)
@@ -503,6 +576,14 @@ def render(
     net, bundle = _model_and_bundle(model)
     obj = parse(objective)
     ts = _thresholds(steps, thresholds)
+    if redirect_relu > 0 and is_scripted(net):
+        raise ConvlensError(
+            "redirect_relu needs forward hooks on the ReLUs, which a TorchScript module "
+            "cannot take: pass the eager nn.Module you scripted, or redirect_relu=0"
+        )
+    channels = input_channels(net, bundle)
+    if size is None:
+        size = _default_size(bundle)
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if param is not None:
@@ -517,14 +598,22 @@ def render(
     dev = resolve_device(device) if device is not None else model_device(net)
     if device is not None:
         net.to(dev)
-    normalize, norm_text = _normalizer(preprocess, bundle)
+    dtype = model_dtype(net)
+    normalize, norm_text = _normalizer(preprocess, bundle, channels)
     transform, transform_text = _transforms(transforms)
     gen = torch.Generator().manual_seed(int(seed))  # CPU: the same draws on every device
     if param is None:
-        param = ImageParam(size, batch=n, fft=fft, decorrelate=decorrelate, generator=gen)
+        param = ImageParam(
+            size, batch=n, fft=fft, decorrelate=decorrelate, generator=gen, channels=channels
+        )
+    elif param.image_channels != channels:
+        raise ValueError(
+            f"param makes {param.image_channels}-channel images but the model takes "
+            f"{channels}: ImageParam(..., channels={channels})"
+        )
     param = param.to(dev)
     hw = (param.height, param.width)
-    pipe = _Pipeline(normalize, _upsample_size(upsample, bundle, hw), channels_last)
+    pipe = _Pipeline(normalize, _upsample_size(upsample, bundle, hw), channels_last, dtype)
     opt = torch.optim.Adam(param.parameters(), lr=lr)
 
     from tqdm.auto import tqdm
@@ -535,13 +624,15 @@ def render(
     trace = torch.zeros(ts[-1], n)
     elapsed = 0.0
     with contextlib.ExitStack() as stack:
+        stack.enter_context(dtype_support(dtype, dev))
         stack.enter_context(evaluating(net))
         stack.enter_context(_frozen(net))
         run_net, folded = net, 0
-        if fold_bn:
-            example = pipe(torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(0)))
-            run_net, folded = _fold_checked(net, obj, example.to(dev), channels_last)
-        fwd = _Forward(run_net, obj)
+        if fold_bn and not is_scripted(net):
+            start = torch.rand(1, channels, *hw, generator=torch.Generator().manual_seed(0))
+            example = pipe(start)
+            run_net, folded = _fold_checked(net, obj, example.to(dev), channels_last, output)
+        fwd = _Forward(run_net, obj, output)
         stack.enter_context(fwd.hooked(redirect_relu > 0))
         bar = tqdm(range(ts[-1]), desc="render", unit="step", disable=_no_bar(progress))
         t0 = time.perf_counter()
@@ -589,10 +680,13 @@ def render(
         "folded_batchnorms": folded,
         "optimizer": "Adam",
         "device": str(dev),
+        "channels": channels,
+        "dtype": dtype_name(dtype),
+        **({"output": fwd.output_key} if fwd.output_key is not None else {}),
     }
     snaps = torch.stack(snapshots)
     return RenderResult(
-        images=snaps[-1][:, :3].clone(),
+        images=snaps[-1][:, : param.image_channels].clone(),
         values=torch.stack(values),
         thresholds=ts,
         snapshots=snaps,
