@@ -31,13 +31,8 @@ LAYERS = ["conv1", "relu", "conv2", "fc"]
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo",
-        init_method=init,
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
+    timeout = datetime.timedelta(seconds=TIMEOUT_S)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timeout)
     try:
         ctx = distributed.context()
         assert (ctx.rank, ctx.world) == (rank, world)

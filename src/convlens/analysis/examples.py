@@ -488,36 +488,30 @@ def _from_dict(d: dict[str, Any]) -> DatasetExamples:
             t[which] = s
             t[which + "_i"], t[which + "_p"], t[which + "_l"] = i, pos, lab
         state = ld["_state"]
-        count = int(chans[0]["stats"]["count"]) if chans else 0
+        st = {
+            "top_scores": t["top"],
+            "top_index": t["top_i"],
+            "top_pos": t["top_p"],
+            "top_label": t["top_l"],
+            "bottom_scores": t["bottom"],
+            "bottom_index": t["bottom_i"],
+            "bottom_pos": t["bottom_p"],
+            "bottom_label": t["bottom_l"],
+            "count": torch.tensor(int(chans[0]["stats"]["count"]) if chans else 0),
+            "mean": torch.tensor([_nan(c["stats"]["mean"]) for c in chans], dtype=torch.float64),
+            "m2": torch.tensor(state["m2"], dtype=torch.float64),
+            "active_count": torch.tensor(state["active_count"], dtype=torch.long),
+            "positions": torch.tensor(int(state["positions"])),
+            "class_sum": torch.tensor(state["class_sum"] or [], dtype=torch.float64).reshape(n, -1),
+            "class_count": torch.tensor(state["class_count"] or [], dtype=torch.long),
+        }
         rf = ld.get("receptive_field")
-        layers[key] = LayerExamples(
-            layer=key,
-            channels=tuple(int(ch["channel"]) for ch in chans),
-            shape=tuple(int(v) for v in ld["shape"]),  # type: ignore[arg-type]
-            top_scores=t["top"],
-            top_index=t["top_i"],
-            top_pos=t["top_p"],
-            top_label=t["top_l"],
-            bottom_scores=t["bottom"],
-            bottom_index=t["bottom_i"],
-            bottom_pos=t["bottom_p"],
-            bottom_label=t["bottom_l"],
-            count=count,
-            mean=torch.tensor([_nan(ch["stats"]["mean"]) for ch in chans], dtype=torch.float64),
-            m2=torch.tensor(state["m2"], dtype=torch.float64),
-            active_count=torch.tensor(state["active_count"], dtype=torch.long),
-            positions=int(state["positions"]),
-            class_sum=(
-                None
-                if state["class_sum"] is None
-                else torch.tensor(state["class_sum"], dtype=torch.float64).reshape(n, -1)
-            ),
-            class_count=(
-                None
-                if state["class_count"] is None
-                else torch.tensor(state["class_count"], dtype=torch.long)
-            ),
-            receptive=_rf_from_dict(rf) if rf else None,
+        layers[key] = _layer_examples(
+            key,
+            tuple(int(c["channel"]) for c in chans),
+            (int(ld["shape"][0]), int(ld["shape"][1]), int(ld["shape"][2])),
+            st,
+            _rf_from_dict(rf) if rf else None,
         )
     ds = d["dataset"]
     return DatasetExamples(
