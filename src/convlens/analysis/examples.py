@@ -971,7 +971,7 @@ class _Loader:
             except LoadFailure as e:
                 if self.strict:
                     raise DatasetError(
-                        f"{e} (--strict stops at the first unreadable image)"
+                        f"{e} (strict: the pass stops at the first unreadable image)"
                     ) from None
                 skipped.append(Skipped(e.index, e.path, e.reason))
                 continue
