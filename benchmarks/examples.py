@@ -42,7 +42,6 @@ import dataclasses
 import functools
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -59,6 +58,7 @@ import torch
 from torch import nn
 
 import convlens
+from _machine import cpu_name
 from convlens._io import versions, write_json
 from convlens.analysis._sources import make_source
 from convlens.device import resolve_device
@@ -512,16 +512,6 @@ def _get(r: dict[str, Any], method: str, key: str, fmt: str) -> str:
     return format(r[method][key], fmt) if method in r else "-"
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
@@ -563,7 +553,7 @@ def main() -> None:
     load_start = os.getloadavg()
     t_start = time.perf_counter()
     val = _val_folder(args.archive, CACHE)
-    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu()
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     print(
         f"{dev} ({card}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads, {_workers()} decoding threads, "

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ import torchvision
 from torch import nn
 
 import convlens
+from _machine import cpu_name
 from convlens._io import versions, write_json
 
 WINDOW, STRIDE, CLASS, LAYER, CHANNEL = 32, 16, 258, "layer2", 0
@@ -175,16 +175,6 @@ def _memory(target: str, name: str, ppes: list[int], model_name: str) -> dict[st
     return data
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -213,7 +203,7 @@ def main() -> None:
     load_start = os.getloadavg()
     print(
         f"{args.model} (random init), 1x3x224x224, window {WINDOW} stride {STRIDE} (169 windows), "
-        f"CPU {_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"CPU {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"captum {captum.__version__}, load average {load_start[0]:.2f}"
     )
     report: dict[str, Any] = {
@@ -223,7 +213,7 @@ def main() -> None:
         "stride": STRIDE,
         "class": CLASS,
         "layer_target": f"{LAYER}:{CHANNEL}",
-        "cpu": _cpu(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "captum": captum.__version__,
         "versions": versions(),

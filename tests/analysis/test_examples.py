@@ -202,8 +202,9 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path) -> None:
         model, _Interrupting(items, None), ["relu", "fc"], k=4, batch_size=4, progress=False
     )
     data = _Interrupting(items, stop=37)
-    with pytest.raises(KeyboardInterrupt):
-        dataset_examples(
+
+    def run(**kw: object) -> DatasetExamples:
+        return dataset_examples(
             model,
             data,
             ["relu", "fc"],
@@ -212,20 +213,14 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path) -> None:
             progress=False,
             checkpoint=ckpt,
             checkpoint_every=8,
-            workers=1,
+            **kw,  # type: ignore[arg-type]
         )
+
+    with pytest.raises(KeyboardInterrupt):
+        run(workers=1)
     saved = torch.load(ckpt, weights_only=True)
     assert 0 < saved["next_batch"] < 14 and not saved["done"]
-    got = dataset_examples(
-        model,
-        data,
-        ["relu", "fc"],
-        k=4,
-        batch_size=4,
-        progress=False,
-        checkpoint=ckpt,
-        checkpoint_every=8,
-    )
+    got = run()
     assert _same_json(got, want)
     assert torch.load(ckpt, weights_only=True)["done"]
 
