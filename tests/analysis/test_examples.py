@@ -72,6 +72,59 @@ def test_equals_brute_force_with_ties(reduce: str) -> None:
     assert zeros == sorted(zeros)
 
 
+def test_histogram_counts_every_score_in_its_published_bin() -> None:
+    import bisect
+
+    from convlens.analysis.examples import HIST_EDGES
+
+    model, data = tiny_model(), tiny_data()
+    r = dataset_examples(model, data, ["conv1", "relu"], k=2, batch_size=8, progress=False)
+    for layer in ("conv1", "relu"):
+        out = convlens.capture(model, torch.stack([d[0] for d in data]), [layer])[layer]
+        scores = out.flatten(2).amax(2).double()  # [N, C], the max reduce
+        for ch in r.channels(layer):
+            h = r.histogram(layer, ch)
+            assert sum(h.counts) == 37 and len(h.edges) == len(h.counts) + 1
+            assert list(h.edges) == sorted(h.edges)
+            # by hand: bin i of the fixed edges holds edges[i-1] <= v < edges[i]
+            want: dict[int, int] = {}
+            for v in scores[:, ch].tolist():
+                b = bisect.bisect_right(HIST_EDGES, v)
+                want[b] = want.get(b, 0) + 1
+            lo, hi = min(want), max(want)
+            assert list(h.counts) == [want.get(b, 0) for b in range(lo, hi + 1)]
+            assert h.edges[0] <= min(scores[:, ch].tolist())
+            assert h.edges[-1] >= max(scores[:, ch].tolist())
+    # post-ReLU: a dead channel's zeros sit in the bin around zero
+    zero_bin = bisect.bisect_right(HIST_EDGES, 0.0)
+    assert HIST_EDGES[zero_bin - 1] < 0 < HIST_EDGES[zero_bin]
+
+
+def test_histograms_merge_by_addition_and_survive_a_save(tmp_path: Path) -> None:
+    model, data = tiny_model(), tiny_data()
+    r = dataset_examples(model, data, ["conv2"], k=2, batch_size=4, progress=False)
+    r.save(tmp_path)
+    back = DatasetExamples.load(tmp_path)
+    assert all(back.histogram("conv2", c) == r.histogram("conv2", c) for c in r.channels("conv2"))
+    a = RunningChannels(3, 2, torch.device("cpu"))
+    b = RunningChannels(3, 2, torch.device("cpu"))
+    both = RunningChannels(3, 2, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    s1, s2 = torch.randn(5, 3, generator=g) * 10, torch.randn(4, 3, generator=g)
+    for st, s, i in ((a, s1, torch.arange(5)), (b, s2, torch.arange(5, 9))):
+        st.add(s, torch.zeros_like(s, dtype=torch.long), i, torch.zeros(3, dtype=torch.long), 1)
+    both.add(
+        torch.cat([s1, s2]),
+        torch.zeros(9, 3, dtype=torch.long),
+        torch.arange(9),
+        torch.zeros(3, dtype=torch.long),
+        1,
+    )
+    merged = RunningChannels.merge([a.state_dict(), b.state_dict()], k=2)
+    assert torch.equal(merged["hist"], both.state_dict()["hist"])
+    assert int(merged["hist"].sum()) == 27
+
+
 def test_fc_is_one_position_and_selectivity_by_hand() -> None:
     model, data = tiny_model(), tiny_data()
     r = dataset_examples(model, data, "fc", k=3, batch_size=5, progress=False)

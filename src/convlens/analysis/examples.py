@@ -53,10 +53,12 @@ from convlens.models.forms import model_dtype
 from convlens.models.layers import LayerRef, evaluating, find_layers, trace_calls
 
 __all__ = [
+    "HIST_EDGES",
     "ChannelStats",
     "Crop",
     "DatasetExamples",
     "Example",
+    "Histogram",
     "LayerExamples",
     "RunningChannels",
     "Selectivity",
@@ -70,7 +72,20 @@ Reduce = Literal["max", "mean"]
 FORMAT = "convlens-examples/1"
 #: Images between two checkpoint writes (rounded up to whole batches).
 CHECKPOINT_EVERY = 256
-_CKPT_VERSION = 1
+_CKPT_VERSION = 2  # 2: the state has a histogram
+
+#: The fixed bins of every channel's histogram of per-image scores, signed and
+#: logarithmic: 8 per octave for magnitudes 2^-12 .. 2^12, mirrored for negative scores,
+#: one bin around zero and an open bin at each end. Fixed edges make the histogram a
+#: plain count per bin: exact, and merged over ranks or checkpoints by addition.
+_HIST_PER_OCTAVE = 8
+_HIST_OCTAVES = 12
+_POS_EDGES = [
+    2.0 ** (j / _HIST_PER_OCTAVE)
+    for j in range(-_HIST_OCTAVES * _HIST_PER_OCTAVE, _HIST_OCTAVES * _HIST_PER_OCTAVE + 1)
+]
+HIST_EDGES: tuple[float, ...] = tuple([-e for e in reversed(_POS_EDGES)] + _POS_EDGES)
+_HIST_BINS = len(HIST_EDGES) + 1  # bucket i holds [edge[i-1], edge[i]); 0 and last are open
 
 
 class _StopForward(BaseException):
@@ -131,6 +146,16 @@ class Selectivity(_Record):
 
 
 @dataclass(frozen=True)
+class Histogram(_Record):
+    """A channel's per-image scores binned: ``counts[i]`` images in
+    ``[edges[i], edges[i + 1])``. Bins are signed-logarithmic (:data:`HIST_EDGES`) and cut
+    to the occupied range; an open end bin takes the observed min or max as its edge."""
+
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Skipped(_Record):
     """An image that could not be read: its index, its file and why."""
 
@@ -167,6 +192,7 @@ class LayerExamples:
     class_sum: torch.Tensor | None = field(repr=False, default=None)
     class_count: torch.Tensor | None = field(repr=False, default=None)
     receptive: ReceptiveField | None = None
+    hist: torch.Tensor | None = field(repr=False, default=None)
 
     def row(self, channel: int) -> int:
         try:
@@ -176,6 +202,23 @@ class LayerExamples:
                 f"channel {channel} of {self.layer!r} was not collected; collected: "
                 f"{_ranges(self.channels)} (the layer has {self.shape[0]} channels)"
             ) from None
+
+
+def _histogram(counts: torch.Tensor, st: ChannelStats) -> Histogram:
+    """The occupied bins of one channel's fixed-bin counts, with finite edges."""
+    nz = torch.nonzero(counts).flatten().tolist()
+    if not nz:
+        return Histogram((), ())
+    lo, hi = nz[0], nz[-1]
+    edges = []
+    for i in range(lo, hi + 2):  # bucket i spans [HIST_EDGES[i-1], HIST_EDGES[i])
+        if i == 0:
+            edges.append(float(st.min))
+        elif i == _HIST_BINS:
+            edges.append(float(st.max))
+        else:
+            edges.append(HIST_EDGES[i - 1])
+    return Histogram(tuple(edges), tuple(int(v) for v in counts[lo : hi + 1].tolist()))
 
 
 def _ranges(channels: Sequence[int]) -> str:
@@ -327,6 +370,20 @@ class DatasetExamples:
         index = (mu_max - mu_rest) / denom if denom != 0 else math.nan
         return Selectivity(index, best, tuple(means.tolist()))
 
+    def histogram(self, layer: str, channel: int) -> Histogram:
+        """The channel's per-image scores in signed-logarithmic bins (exact counts).
+
+        Example:
+            >>> h = r.histogram("bn3", 0)
+            >>> sum(h.counts) == r.stats("bn3", 0).count
+            True
+        """
+        le = self._layer(layer)
+        r = le.row(channel)
+        if le.hist is None:
+            return Histogram((), ())
+        return _histogram(le.hist[r], self.stats(layer, channel))
+
     def receptive_field(self, layer: str, y: int, x: int) -> tuple[int, int, int, int]:
         """``(top, bottom, left, right)`` in input pixels (half-open, clipped at the border)
         of the unit at ``(y, x)`` of ``layer``; the whole image where an op on the way
@@ -382,6 +439,7 @@ class DatasetExamples:
                     "positions": le.positions,
                     "class_sum": None if le.class_sum is None else le.class_sum.tolist(),
                     "class_count": None if le.class_count is None else le.class_count.tolist(),
+                    "hist": None if le.hist is None else _hist_rows(le.hist),
                 },
             }
         return {
@@ -460,6 +518,23 @@ def _rf_from_dict(d: dict[str, Any]) -> ReceptiveField:
     )
 
 
+def _hist_rows(hist: torch.Tensor) -> list[list[int]]:
+    """Each channel's counts as ``[first occupied bin, count, count, ...]`` (compact JSON)."""
+    rows = []
+    for row in hist.tolist():
+        nz = [i for i, v in enumerate(row) if v]
+        rows.append([nz[0], *row[nz[0] : nz[-1] + 1]] if nz else [])
+    return rows
+
+
+def _hist_from_rows(rows: list[list[int]] | None, n: int) -> torch.Tensor:
+    out = torch.zeros((n, _HIST_BINS), dtype=torch.long)
+    for r, row in enumerate(rows or []):
+        if row:
+            out[r, row[0] : row[0] + len(row) - 1] = torch.tensor(row[1:], dtype=torch.long)
+    return out
+
+
 def _nan(v: Any) -> float:
     return math.nan if v is None else float(v)
 
@@ -504,6 +579,7 @@ def _from_dict(d: dict[str, Any]) -> DatasetExamples:
             "positions": torch.tensor(int(state["positions"])),
             "class_sum": torch.tensor(state["class_sum"] or [], dtype=torch.float64).reshape(n, -1),
             "class_count": torch.tensor(state["class_count"] or [], dtype=torch.long),
+            "hist": _hist_from_rows(state.get("hist"), n),
         }
         rf = ld.get("receptive_field")
         layers[key] = _layer_examples(
@@ -565,6 +641,7 @@ class RunningChannels:
         "positions",
         "class_sum",
         "class_count",
+        "hist",
     )
 
     def __init__(self, channels: int, k: int, device: torch.device) -> None:
@@ -587,7 +664,9 @@ class RunningChannels:
             "positions": torch.zeros((), dtype=i64, device=device),
             "class_sum": torch.zeros((c, 0), dtype=f64, device=device),
             "class_count": torch.zeros(0, dtype=i64, device=device),
+            "hist": torch.zeros((c, _HIST_BINS), dtype=i64, device=device),
         }
+        self._edges = torch.tensor(HIST_EDGES, dtype=f64, device=device)
 
     def add(
         self,
@@ -629,6 +708,9 @@ class RunningChannels:
             [t["count"], bn], [t["mean"], bmean], [t["m2"], bm2]
         )
         t["count"], t["mean"], t["m2"] = n, mean, m2
+        # float64 comparisons against the published edges: exact
+        bins = torch.bucketize(sd.contiguous(), self._edges, right=True)  # [C, B]
+        t["hist"].scatter_add_(1, bins, (~torch.isnan(s)).long())  # a NaN has no bin
         t["active_count"] = t["active_count"] + active
         t["positions"] = t["positions"] + B * positions
         if labels is not None:
@@ -694,6 +776,7 @@ class RunningChannels:
         )
         out["count"], out["mean"], out["m2"] = n, mean, m2
         out["active_count"] = torch.stack([s["active_count"] for s in states]).sum(0)
+        out["hist"] = torch.stack([s["hist"].cpu() for s in states]).sum(0)
         out["positions"] = torch.stack([s["positions"] for s in states]).sum(0)
         n_cls = max(int(s["class_count"].numel()) for s in states)
         c = int(states[0]["mean"].numel())
@@ -910,6 +993,15 @@ def _load_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, Any] | N
             f"cannot read the checkpoint {str(path)!r} ({type(e).__name__}); delete it to "
             "start over"
         ) from None
+    if (
+        isinstance(ck, dict)
+        and isinstance(ck.get("version"), int)
+        and ck["version"] < _CKPT_VERSION
+    ):
+        raise ConvlensError(
+            f"the checkpoint {str(path)!r} was written by an older convlens (format "
+            f"{ck['version']}, now {_CKPT_VERSION}); delete it to start over"
+        )
     if not isinstance(ck, dict) or ck.get("version") != _CKPT_VERSION:
         raise ConvlensError(f"{str(path)!r} is not a convlens examples checkpoint; delete it")
     old = ck.get("settings", {})
@@ -1133,6 +1225,7 @@ def _layer_examples(
         class_sum=st["class_sum"] if has_classes else None,
         class_count=st["class_count"] if has_classes else None,
         receptive=rf,
+        hist=st.get("hist"),
     )
 
 
