@@ -239,6 +239,27 @@ def _console_text(params: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _failures(events: list[dict[str, Any]]) -> list[str]:
+    """Every request that failed: ``"URL: error"`` (an answer with status 400 or more
+    counts too)."""
+    urls = {}
+    failed = []
+    for e in events:
+        p = e.get("params", {})
+        if e["method"] == "Network.requestWillBeSent":
+            urls[p.get("requestId")] = str(p.get("request", {}).get("url", ""))
+        elif e["method"] == "Network.loadingFailed":
+            url = urls.get(p.get("requestId"), "?")
+            failed.append(
+                f"{url}: {p.get('errorText', '')}{' (blocked)' if p.get('blockedReason') else ''}"
+            )
+        elif e["method"] == "Network.responseReceived":
+            status = int(p.get("response", {}).get("status", 0) or 0)
+            if status >= 400:
+                failed.append(f"{p.get('response', {}).get('url', '?')}: HTTP {status}")
+    return failed
+
+
 def _messages(events: list[dict[str, Any]]) -> tuple[list[dict[str, str]], list[str]]:
     """Everything the console showed, and every URL the page requested."""
     console: list[dict[str, str]] = []
@@ -271,15 +292,23 @@ def check_report(
     width: int = 1280,
     height: int = 900,
     timeout: float = 60.0,
+    offline: bool = False,
+    collect: str | None = None,
 ) -> dict[str, Any]:
     """Load ``html_path`` in headless Chromium; return what the page showed.
+
+    ``offline=True`` turns the browser's network off before the page loads (DevTools
+    network emulation: file:// still loads, anything else fails and is listed in
+    ``failed``). ``collect``: a JavaScript expression evaluated in the page, its JSON
+    value returned as ``collected``.
 
     Keys: ``title``, ``h1``, ``headings`` (section <h2> texts, in order), ``section_ids``,
     ``toc`` (contents link texts), ``broken_links`` (``#`` links with no target),
     ``images`` (per <img>: ``alt``, ``complete``, ``naturalWidth``, ``naturalHeight``,
     ``src`` prefix), ``placeholders`` ("figure missing" boxes), ``scripts`` (count of
     <script> elements), ``console`` (every message: ``level``, ``source``, ``text``),
-    ``console_errors`` (those at level error), ``requests`` (URLs other than the page and
+    ``console_errors`` (those at level error), ``failed`` (requests that failed, with the
+    error), ``requests`` (URLs other than the page and
     data: URIs), ``screenshot`` (the full-page PNG written, or None), ``seconds`` (wall
     time, browser start included) and ``chromium`` (the binary).
 
@@ -300,6 +329,17 @@ def check_report(
             )["sessionId"]
             for domain in ("Runtime", "Log", "Page", "Network"):
                 browser.send(f"{domain}.enable", session=session)
+            if offline:
+                browser.send(
+                    "Network.emulateNetworkConditions",
+                    {
+                        "offline": True,
+                        "latency": 0,
+                        "downloadThroughput": -1,
+                        "uploadThroughput": -1,
+                    },
+                    session=session,
+                )
             nav = browser.send("Page.navigate", {"url": page_url}, session=session)
             if nav.get("errorText"):
                 raise RuntimeError(f"Chromium could not open {page_url}: {nav['errorText']}")
@@ -313,6 +353,15 @@ def check_report(
             if "exceptionDetails" in found:
                 raise RuntimeError(f"inspecting the page failed: {found['exceptionDetails']}")
             result: dict[str, Any] = dict(found["result"]["value"])
+            if collect is not None:
+                got = browser.send(
+                    "Runtime.evaluate",
+                    {"expression": collect, "returnByValue": True},
+                    session=session,
+                )
+                if "exceptionDetails" in got:
+                    raise RuntimeError(f"collect failed: {got['exceptionDetails']}")
+                result["collected"] = got["result"].get("value")
             shot = None
             if screenshot_path is not None:
                 size = browser.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
@@ -337,6 +386,7 @@ def check_report(
         console, requests = _messages(browser.events)
     result["console"] = console
     result["console_errors"] = [m for m in console if m["level"] == "error"]
+    result["failed"] = _failures(browser.events)
     result["requests"] = [u for u in requests if u != page_url and not u.startswith("data:")]
     result["screenshot"] = str(shot) if shot is not None else None
     result["seconds"] = round(time.monotonic() - start, 2)

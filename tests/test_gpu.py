@@ -102,3 +102,49 @@ def test_dataset_examples_on_cuda_match_cpu_and_keep_the_state_there(monkeypatch
             assert gpu.stats(layer, ch).mean == pytest.approx(
                 cpu.stats(layer, ch).mean, rel=1e-4, abs=1e-5
             )
+
+
+def test_microscope_on_cuda_matches_cpu_and_its_batches(tmp_path):
+    """The whole microscope on CUDA: the same channels, examples and statistics as on the
+    CPU (renders are optimisations, so their values agree only roughly across devices),
+    and byte-identical images for two batch sizes on the GPU."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "analysis"))
+    from _examples_fixtures import tiny_data, tiny_model
+
+    def run(out, device, batch):
+        return convlens.microscope(
+            tiny_model(),
+            tiny_data(n=21),
+            ["conv1", "conv2"],
+            out=out,
+            channels="0-2",
+            k=3,
+            steps=6,
+            size=16,
+            diversity=2,
+            batch=batch,
+            device=device,
+            progress=False,
+        )
+
+    gpu = run(tmp_path / "gpu", "cuda", 2)
+    gpu3 = run(tmp_path / "gpu3", "cuda", 3)
+    cpu = run(tmp_path / "cpu", "cpu", 2)
+    a, b = (json.loads((d / "microscope.json").read_text()) for d in (gpu, cpu))
+    assert a["settings"]["device"].startswith("cuda")
+    for la, lb in zip(a["layers"], b["layers"]):
+        for ua, ub in zip(la["units"], lb["units"]):
+            assert [e["index"] for e in ua["top"]] == [e["index"] for e in ub["top"]]
+            assert ua["stats"]["mean"] == pytest.approx(ub["stats"]["mean"], rel=1e-4)
+            assert ua["renders"]["channel"]["value"] == pytest.approx(
+                ub["renders"]["channel"]["value"], rel=0.2, abs=0.05
+            )
+
+    def pngs(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("r-*/*.png")}
+
+    assert pngs(gpu) and pngs(gpu) == pngs(gpu3)

@@ -29,6 +29,7 @@ from convlens.errors import (
     ModelLoadError,
 )
 from convlens.images import load_image, sample_image
+from convlens.microscope import microscope  # the function; its module: sys.modules[...]
 from convlens.models import ModelBundle, SimpleCNN, list_layers, list_models, load_model
 from convlens.tour import tour  # the function; the module's names: from convlens.tour import ...
 from convlens.train import TrainResult, evaluate, train
@@ -62,6 +63,7 @@ __all__ = [
     "load_image",
     "load_model",
     "mean_map",
+    "microscope",
     "normalize_maps",
     "objectives",
     "occlude",

@@ -19,6 +19,7 @@ from convlens.cli import (  # noqa: F401
     classify,
     examples,
     filters,
+    microscope,
     models,
     occlude,
     report,

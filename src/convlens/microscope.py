@@ -1,0 +1,1168 @@
+"""A microscope for your own model: every channel of some layers as a static site.
+
+:func:`microscope` runs three stages and then writes the pages:
+
+1. **The dataset pass** (:func:`convlens.dataset_examples`): the top-k and bottom-k images
+   of every channel, its statistics, a histogram of its per-image scores and, with labels,
+   its class selectivity. Its result is kept in ``OUT/cache/examples-<key>/``; the pass
+   checkpoints as it goes, so an interrupted one continues.
+2. **The renders**: for every channel, feature visualizations as in the Distill appendix:
+   the channel objective, the neuron objective at the centre position, the negative (the
+   channel minimised) and a diversity set (``diversity`` images with Lucid's diversity
+   term). Many channels share one optimisation batch; each channel's starting images come
+   from its own generator (seeded by the settings, the layer and the channel) and every
+   batch draws the same transform sequence, so a channel's images depend on the settings
+   and the channel only. Batches are padded to exactly ``batch`` channels, so no kernel
+   sees a different shape when fewer channels, or more ranks, share the work.
+3. **The examples**: each channel's top-k examples cut out at their receptive field with
+   the activation overlaid, the whole top images small, and the bottom-k.
+
+Every channel's images are written atomically as their own files under a folder named by
+a hash of the settings that decide them (``<layer>/r-<key>/``, ``<layer>/e-<key>/``); a
+channel is finished when its ``NNNN.json`` is there, and a rerun skips finished channels
+(after Ctrl-C, a crash or a restarted torchrun job). ``force=True`` recomputes everything.
+
+Under ``torchrun`` the dataset pass is sharded (``range(rank, N, world)``), the channels
+are split ``units[rank::world]`` (each rank on its own GPU), and rank 0 writes
+``microscope.json`` and the pages (:mod:`convlens.report.site`) after a barrier. The site is
+the same for any ``batch`` and any world size, given the same threads per process (oneDNN
+splits a convolution's work by thread count; torchrun gives every rank one thread). Mean,
+std and selectivity are float64 merges that agree across world sizes to about 1e-15; the
+site shows them to 10 significant digits. ``OUT`` must be a folder every rank sees.
+
+Example:
+    >>> site = convlens.microscope(convlens.load_model("efficientnet_lite0"),
+    ...                            convlens.data.shapes(), ["blocks.4"], out="site/")
+    >>> site / "index.html"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convlens import distributed
+from convlens._io import atomic_open, versions, write_json
+from convlens.capture import model_device
+from convlens.device import DeviceLike, resolve_device
+from convlens.errors import ConvlensError
+
+__all__ = ["FORMAT", "microscope"]
+
+FORMAT = 1
+#: what the render files' key covers besides the settings (bump to invalidate old renders)
+_RENDER_VERSION = 1
+#: Lucid's diversity weight (1e2 against a batch-mean objective), for our per-image sums
+_DIVERSITY_WEIGHT = 1e2
+#: how many top examples a layer page shows beside each channel's render
+_GRID_EXAMPLES = 3
+#: the longest side of the whole top images on a channel page
+_THUMB = 96
+#: strongest input channels listed for a connected convolution
+_CONNECTED = 6
+
+
+# ------------------------------------------------------------------------ keys and files
+
+
+def _key(obj: Any) -> str:
+    """A short hash of a JSON-able object (the settings that decide some files)."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _layer_dir(i: int, layer: str) -> str:
+    """A folder name for the ``i``-th requested layer: its index (unique) and its name with
+    anything but letters, digits, ``.``, ``-`` and ``_`` replaced."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in layer)[:60]
+    return f"{i}-{safe}"
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    """``[C, H, W]`` in [0, 1] as a PNG, atomically (1 channel grey, else the first 3)."""
+    from PIL import Image
+
+    x = image.detach().float().cpu().clamp(0, 1)
+    if x.shape[0] >= 3:
+        arr = (x[:3].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        img = Image.fromarray(arr, "RGB")
+    else:
+        arr = (x[0] * 255).round().to(torch.uint8).numpy()
+        img = Image.fromarray(arr, "L")
+    with atomic_open(path, "wb") as fh:
+        img.save(fh, format="PNG")
+
+
+def _overlay(image: torch.Tensor, act: torch.Tensor, peak: float) -> torch.Tensor:
+    """The image with the activation over it: orange where the channel is high (relative to
+    ``peak``, the example's maximum), the image itself where it is at or below zero."""
+    rgb = image[:3] if image.shape[0] >= 3 else image[:1].expand(3, -1, -1)
+    heat = (act / peak).clamp(0, 1) if peak > 0 else torch.zeros_like(act)
+    color = torch.tensor([1.0, 0.55, 0.0]).view(3, 1, 1)
+    alpha = 0.55 * heat[None]
+    return rgb * (1 - alpha) + color * alpha
+
+
+def _outline(image: torch.Tensor, box: tuple[int, int, int, int], width: int = 2) -> torch.Tensor:
+    """``image`` with the box ``(top, bottom, left, right)`` drawn in yellow."""
+    rgb = (image[:3] if image.shape[0] >= 3 else image[:1].expand(3, -1, -1)).clone()
+    t, b, left, r = box
+    yellow = torch.tensor([1.0, 0.9, 0.0]).view(3, 1)
+    for y in range(t, min(t + width, b)):
+        rgb[:, y, left:r] = yellow
+    for y in range(max(b - width, t), b):
+        rgb[:, y, left:r] = yellow
+    for x in range(left, min(left + width, r)):
+        rgb[:, t:b, x] = yellow.expand(3, b - t)
+    for x in range(max(r - width, left), r):
+        rgb[:, t:b, x] = yellow.expand(3, b - t)
+    return rgb
+
+
+def _thumbnail(image: torch.Tensor, side: int) -> torch.Tensor:
+    h, w = image.shape[-2:]
+    scale = side / max(h, w)
+    if scale >= 1:
+        return image
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.interpolate(image[None], size=size, mode="area")[0]
+
+
+def _finished(marker: Path, files: Sequence[Path]) -> dict[str, Any] | None:
+    """The marker's content when it and every file it vouches for exist, else None."""
+    if not marker.is_file() or not all(f.is_file() for f in files):
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ------------------------------------------------------------------------ the renders
+
+
+@dataclass(frozen=True)
+class _Unit:
+    layer: str  # the key as requested
+    index: int  # which requested layer
+    channel: int
+
+
+_KINDS = ("channel", "neuron", "negative")
+
+
+def _rows(diversity: int) -> list[tuple[str, int]]:
+    """The images of one channel: ``(kind, j)`` per batch row."""
+    return [(k, 0) for k in _KINDS] + [("diversity", j) for j in range(diversity)]
+
+
+def _row_seed(seed: int, layer: str, channel: int, kind: str, j: int) -> int:
+    h = hashlib.sha256(f"{seed}\0{layer}\0{channel}\0{kind}\0{j}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class _UnitObjective:
+    """The values of a batch of channels' rows: mean of the channel (``channel`` and the
+    diversity rows), its centre unit (``neuron``), minus its mean (``negative``), plus the
+    diversity term within each channel's diversity set. One value per row, computed from
+    that row (and its own set) only."""
+
+    def __init__(
+        self,
+        layer: str,
+        channels: list[int],
+        diversity: int,
+        rows: list[tuple[str, int]] | None = None,
+        weight: float = _DIVERSITY_WEIGHT,
+    ) -> None:
+        self.layer = layer
+        self.weight = float(weight)
+        rows = rows if rows is not None else _rows(diversity)
+        self.diversity = sum(1 for kind, _ in rows if kind == "diversity")
+        self.per = len(rows)
+        self.first_div = self.per - self.diversity  # the diversity rows come last
+        ch, sign, neuron = [], [], []
+        for c in channels:
+            for kind, _ in rows:
+                ch.append(c)
+                sign.append(-1.0 if kind == "negative" else 1.0)
+                neuron.append(kind == "neuron")
+        self.ch = torch.tensor(ch)
+        self.sign = torch.tensor(sign)
+        self.neuron = torch.tensor(neuron)
+        self.n_units = len(channels)
+        self.centre: tuple[int, int] | None = None
+        self._dev: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _on(self, dev: torch.device) -> tuple[torch.Tensor, ...]:
+        if dev not in self._dev:
+            self._dev[dev] = (self.ch.to(dev), self.sign.to(dev), self.neuron.to(dev))
+        return self._dev[dev]
+
+    def measured(self, t: torch.Tensor) -> torch.Tensor:
+        """What each row's image scores (no sign, no diversity term): the channel mean, or
+        the centre unit for a neuron row."""
+        ch, _, neuron = self._on(t.device)
+        if t.ndim == 2:
+            t = t[:, :, None, None]
+        sel = t[torch.arange(t.shape[0], device=t.device), ch]  # [N, H, W]
+        h, w = sel.shape[-2:]
+        self.centre = (h // 2, w // 2)
+        mean = sel.flatten(1).mean(1)
+        unit = sel[:, h // 2, w // 2]
+        return torch.where(neuron, unit, mean)
+
+    def __call__(self, acts: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        t = acts(self.layer)
+        _, sign, _ = self._on(t.device)
+        v = self.measured(t) * sign
+        d = self.diversity
+        if d >= 2 and t.ndim == 4:
+            n, c = t.shape[:2]
+            per = self.per
+            # the diversity rows of every channel: [units, d, C, P]
+            flat = t.reshape(self.n_units, per, c, -1)[:, self.first_div :]
+            grams = flat @ flat.transpose(-1, -2)  # [units, d, C, C]
+            grams = F.normalize(grams.flatten(2), dim=-1, eps=1e-10)
+            sim = (grams[:, :, None, :] * grams[:, None, :, :]).sum(-1)  # [units, d, d]
+            others = sim.sum(-1) - sim.diagonal(dim1=-2, dim2=-1)
+            term = -self.weight * others  # Lucid's balance: 1e2 against the channel mean
+            pad = torch.zeros(self.n_units, self.first_div, device=t.device, dtype=term.dtype)
+            v = v + torch.cat([pad, term], dim=1).reshape(n)
+        return v
+
+
+def _render_batch(
+    net: nn.Module,
+    layer: str,
+    channels: list[int],
+    plan: _RenderPlan,
+    dev: torch.device,
+    rows: list[tuple[str, int]] | None = None,
+    snapshots: Sequence[int] = (),
+    record: Callable[[int, torch.Tensor, torch.Tensor, float], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
+    """Optimise the rows of ``channels`` together; ``(images [N, C, h, w], values [N],
+    centre)``, values measured on the final images without transforms. ``rows``: the
+    images of each channel (default: channel, neuron, negative, the diversity set);
+    ``record(step, images, values, seconds)`` is called after each step in
+    ``snapshots`` (for benchmarks; its own time is not counted)."""
+    from convlens.analysis.featurevis.objectives import Objective
+    from convlens.analysis.featurevis.param import ImageParam
+    from convlens.analysis.featurevis.render import _Forward
+
+    rows = rows if rows is not None else _rows(plan.diversity)
+    obj_fn = _UnitObjective(layer, channels, plan.diversity, rows, plan.diversity_weight)
+    obj = Objective(obj_fn, [layer], description=f"microscope({layer})")
+    n = len(channels) * len(rows)
+    param = ImageParam(
+        plan.size, batch=n, generator=torch.Generator().manual_seed(0), channels=plan.channels
+    )
+    with torch.no_grad():  # each row's start from its own generator
+        shape = param.raw.shape[1:]
+        inits = [
+            torch.randn(
+                shape,
+                generator=torch.Generator().manual_seed(_row_seed(plan.seed, layer, c, kind, j)),
+            )
+            * 0.01
+            for c in channels
+            for kind, j in rows
+        ]
+        param.raw.copy_(torch.stack(inits))
+    param = param.to(dev)
+    opt = torch.optim.Adam(param.parameters(), lr=plan.lr)
+    tgen = torch.Generator().manual_seed(plan.seed)  # the same transforms for every batch
+    fwd = _Forward(net, obj)
+    elapsed, t0 = 0.0, time.perf_counter()
+    with fwd.hooked(False):
+        for step in range(plan.steps):
+            opt.zero_grad(set_to_none=True)
+            image = param()
+            x = plan.pipe(plan.transform(image, tgen))
+            v = obj(fwd(x, image))
+            loss = -v.sum()
+            if not torch.isfinite(loss):
+                raise ConvlensError(
+                    f"a render of {layer!r} became {float(loss.detach())}: lower lr "
+                    f"(now {plan.lr}) or check the layer"
+                )
+            loss.backward()
+            opt.step()
+            if record is not None and step + 1 in snapshots:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                elapsed += time.perf_counter() - t0
+                with torch.no_grad():
+                    img = param().detach()
+                    vals = obj_fn.measured(fwd(plan.pipe(img), img)(layer).float()).cpu()
+                record(step + 1, img.cpu(), vals, elapsed)
+                t0 = time.perf_counter()
+        with torch.no_grad():
+            img = param().detach()
+            acts = fwd(plan.pipe(img), img)
+            values = obj_fn.measured(acts(layer).float()).cpu()
+    return img[:, : plan.channels].cpu(), values, obj_fn.centre
+
+
+@dataclass
+class _RenderPlan:
+    size: int
+    steps: int
+    lr: float
+    seed: int
+    diversity: int
+    diversity_weight: float
+    channels: int
+    pipe: Any
+    transform: Any
+    settings: dict[str, Any]
+
+
+def _plan(
+    net: nn.Module,
+    bundle: Any,
+    size: int,
+    steps: int,
+    lr: float,
+    seed: int,
+    diversity: int,
+    diversity_weight: float = _DIVERSITY_WEIGHT,
+) -> _RenderPlan:
+    from convlens.analysis.featurevis.render import (
+        _normalizer,
+        _Pipeline,
+        _transforms,
+        _upsample_size,
+    )
+    from convlens.models.forms import dtype_name, input_channels, model_dtype
+
+    channels = input_channels(net, bundle)
+    normalize, norm_text = _normalizer("auto", bundle, channels)
+    transform, transform_text = _transforms("standard")
+    up = _upsample_size(True, bundle, (size, size))
+    dtype = model_dtype(net)
+    pipe = _Pipeline(normalize, up, True, dtype)
+    settings = {
+        "size": size,
+        "steps": steps,
+        "lr": lr,
+        "seed": seed,
+        "diversity": diversity,
+        "diversity_weight": diversity_weight,
+        "transforms": transform_text,
+        "preprocess": norm_text,
+        "upsample_to": up,
+        "parameterization": "fft, decorrelated" if channels == 3 else "fft",
+        "optimizer": "Adam",
+        "input_channels": channels,
+        "dtype": dtype_name(dtype),
+    }
+    return _RenderPlan(
+        size, steps, lr, seed, diversity, diversity_weight, channels, pipe, transform, settings
+    )
+
+
+def _render_files(folder: Path, channel: int, diversity: int) -> dict[str, Path]:
+    base = f"{channel:04d}"
+    files = {k: folder / f"{base}-{k}.png" for k in _KINDS}
+    files.update({f"diversity-{j}": folder / f"{base}-diversity-{j}.png" for j in range(diversity)})
+    return files
+
+
+def _render_units(
+    net: nn.Module,
+    units: list[_Unit],
+    folders: dict[str, Path],
+    plan: _RenderPlan,
+    batch: int,
+    dev: torch.device,
+    force: bool,
+    progress: bool,
+) -> tuple[int, int]:
+    """Render every unfinished unit of ``units`` (this rank's), ``batch`` channels at a
+    time; returns ``(rendered, reused)``."""
+    from tqdm.auto import tqdm
+
+    from convlens.analysis.featurevis.objectives import channel as channel_obj
+    from convlens.analysis.featurevis.render import _fold_checked, _frozen
+    from convlens.models.forms import dtype_support, is_scripted
+    from convlens.models.layers import evaluating
+
+    todo: dict[str, list[int]] = {}
+    reused = 0
+    for u in units:
+        folder = folders[u.layer]
+        files = _render_files(folder, u.channel, plan.diversity)
+        marker = folder / f"{u.channel:04d}.json"
+        if not force and _finished(marker, list(files.values())) is not None:
+            reused += 1
+            continue
+        todo.setdefault(u.layer, []).append(u.channel)
+    total = sum(len(v) for v in todo.values())
+    if not total:
+        return 0, reused
+    bar = tqdm(total=total, desc="renders", unit="channel", disable=not progress)
+    done = 0
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(dtype_support(plan.pipe.dtype, dev))
+            stack.enter_context(evaluating(net))
+            stack.enter_context(_frozen(net))
+            for layer, chans in todo.items():
+                run_net = net
+                if not is_scripted(net):
+                    probe = torch.rand(
+                        1,
+                        plan.channels,
+                        plan.size,
+                        plan.size,
+                        generator=torch.Generator().manual_seed(0),
+                    )
+                    run_net, _ = _fold_checked(
+                        net, channel_obj(layer, chans[0]), plan.pipe(probe).to(dev), True
+                    )
+                folder = folders[layer]
+                folder.mkdir(parents=True, exist_ok=True)
+                for start in range(0, len(chans), batch):
+                    part = chans[start : start + batch]
+                    padded = part + [part[-1]] * (batch - len(part))  # a fixed shape
+                    images, values, centre = _render_batch(run_net, layer, padded, plan, dev)
+                    _write_renders(folder, layer, part, images, values, centre, plan)
+                    done += len(part)
+                    bar.update(len(part))
+    finally:
+        bar.close()
+    return done, reused
+
+
+def _write_renders(
+    folder: Path,
+    layer: str,
+    channels: list[int],
+    images: torch.Tensor,
+    values: torch.Tensor,
+    centre: tuple[int, int] | None,
+    plan: _RenderPlan,
+) -> None:
+    rows = _rows(plan.diversity)
+    per = len(rows)
+    for u, c in enumerate(channels):
+        files = _render_files(folder, c, plan.diversity)
+        record: dict[str, Any] = {"channel": c, "layer": layer, "diversity": []}
+        for r, (kind, j) in enumerate(rows):
+            i = u * per + r
+            name = kind if kind != "diversity" else f"diversity-{j}"
+            _save_png(images[i], files[name])
+            v = float(values[i])
+            if kind == "diversity":
+                record["diversity"].append({"image": files[name].name, "value": v})
+            else:
+                record[kind] = {"image": files[name].name, "value": v}
+        record["centre"] = list(centre) if centre is not None else None
+        write_json(folder / f"{c:04d}.json", record)  # last: the channel is finished
+
+
+# ------------------------------------------------------------------------ the examples
+
+
+def _example_units(
+    result: Any,
+    source_data: Any,
+    net: nn.Module,
+    units: list[_Unit],
+    folders: dict[str, Path],
+    force: bool,
+    split: str,
+    preprocess: Any,
+    progress: bool,
+) -> tuple[int, int]:
+    """Write each unit's example crops (top with the activation overlaid, the whole top
+    images small with the box drawn, bottom); returns ``(written, reused)``."""
+    from tqdm.auto import tqdm
+
+    from convlens.analysis.examples import crops
+
+    written = reused = 0
+    pending = []
+    for u in units:
+        folder = folders[u.layer]
+        k_top = len(result.top(u.layer, u.channel))
+        k_bot = len(result.bottom(u.layer, u.channel))
+        files = _example_files(folder, u.channel, k_top, k_bot)
+        if not force and _finished(folder / f"{u.channel:04d}.json", files) is not None:
+            reused += 1
+            continue
+        pending.append(u)
+    for u in tqdm(pending, desc="examples", unit="channel", disable=not progress):
+        folder = folders[u.layer]
+        folder.mkdir(parents=True, exist_ok=True)
+        record: dict[str, Any] = {"channel": u.channel, "layer": u.layer}
+        for which in ("top", "bottom"):
+            cs = crops(
+                result,
+                source_data,
+                u.layer,
+                u.channel,
+                which=which,
+                model=net,
+                preprocess=preprocess,
+                split=split,
+            )
+            entries = []
+            for rank, c in enumerate(cs):
+                full_peak = float(c.full_activation.max())
+                crop_path = folder / f"{u.channel:04d}-{which}-{rank}.png"
+                _save_png(_overlay(c.image, c.activation, full_peak), crop_path)
+                entry = {"rank": rank, "crop": crop_path.name, "box": list(c.box)}
+                if which == "top":
+                    full_path = folder / f"{u.channel:04d}-top-{rank}-full.png"
+                    _save_png(_thumbnail(_outline(c.full, c.box), _THUMB), full_path)
+                    entry["full"] = full_path.name
+                entries.append(entry)
+            record[which] = entries
+        write_json(folder / f"{u.channel:04d}.json", record)
+        written += 1
+    return written, reused
+
+
+def _example_files(folder: Path, channel: int, k_top: int, k_bot: int) -> list[Path]:
+    b = f"{channel:04d}"
+    files = [folder / f"{b}-top-{i}.png" for i in range(k_top)]
+    files += [folder / f"{b}-top-{i}-full.png" for i in range(k_top)]
+    files += [folder / f"{b}-bottom-{i}.png" for i in range(k_bot)]
+    return files
+
+
+# ------------------------------------------------------------------------ connections
+
+
+_CHANNELWISE = (
+    nn.BatchNorm2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+)
+_CHANNELWISE_FUNCS = {
+    "relu",
+    "relu6",
+    "silu",
+    "gelu",
+    "hardswish",
+    "sigmoid",
+    "tanh",
+    "leaky_relu",
+    "elu",
+    "dropout",
+    "max_pool2d",
+    "avg_pool2d",
+    "contiguous",
+    "clone",
+}
+
+
+def _connections(
+    net: nn.Module, layers: list[str], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, tuple[str | None, str | None, torch.Tensor | None]]:
+    """For every requested layer: ``(the requested layer it directly follows, why not,
+    strengths [out, in])``. A layer follows another when it is a convolution whose input
+    is that layer's output, through channel-wise ops only (BatchNorm, activations,
+    pooling, dropout), so input channel ``i`` is that layer's channel ``i``."""
+    from convlens.analysis._incremental import Unsupported, trace_model
+    from convlens.models.forms import hooks_aside
+    from convlens.models.layers import unwrap
+
+    base = unwrap(net)
+    modules = dict(base.named_modules())
+    out: dict[str, tuple[str | None, str | None, torch.Tensor | None]] = {}
+    names = {layer.partition("#")[0]: layer for layer in layers}
+    try:
+        with hooks_aside(base):
+            traced = trace_model(base)
+    except Unsupported as e:
+        return {layer: (None, f"{e}, so its inputs cannot be followed", None) for layer in layers}
+    producer: dict[Any, str] = {}
+    for name, nodes in traced.module_outputs.items():
+        if name in names and nodes:
+            producer[nodes[0]] = names[name]
+    for layer in layers:
+        name = layer.partition("#")[0]
+        mod = modules.get(name)
+        if not isinstance(mod, nn.Conv2d):
+            kind = type(mod).__name__ if mod is not None else "not a module"
+            out[layer] = (
+                None,
+                f"{layer} is a {kind}, not a convolution: only a convolution's weights say "
+                "which input channels it reads",
+                None,
+            )
+            continue
+        nodes = traced.module_outputs.get(name) or []
+        if "#" in layer or len(nodes) != 1:
+            out[layer] = (None, f"{layer} runs more than once: its input is ambiguous", None)
+            continue
+        node: Any = nodes[0].args[0] if nodes[0].args else None
+        found = None
+        via: Any = None
+        while node is not None and hasattr(node, "op"):
+            if node in producer and producer[node] != layer:
+                found = producer[node]
+                break
+            via = via or node
+            nxt: Any = None
+            if node.op == "call_module" and isinstance(modules.get(node.target), _CHANNELWISE):
+                nxt = node.args[0] if node.args else None
+            elif node.op in ("call_function", "call_method"):
+                fname = getattr(node.target, "__name__", str(node.target))
+                if fname in _CHANNELWISE_FUNCS and node.args:
+                    nxt = node.args[0]
+            node = nxt
+        if found is None:
+            before = _describe_node(via, traced)
+            out[layer] = (
+                None,
+                f"its input is not the output of another requested layer (it reads "
+                f"{before}); request that layer too to see which of its channels it reads",
+                None,
+            )
+            continue
+        w = mod.weight.detach().float().cpu()
+        o, i_per, *_ = w.shape
+        groups = mod.groups
+        n_in = i_per * groups
+        if shapes.get(found) and shapes[found][0] != n_in:
+            out[layer] = (
+                None,
+                f"{found} has {shapes[found][0]} channels, {layer} reads {n_in}",
+                None,
+            )
+            continue
+        strength = torch.zeros(o, n_in)
+        per_group = o // groups
+        norms = w.flatten(2).norm(dim=2)  # [o, i_per]
+        for oc in range(o):
+            g = oc // per_group
+            strength[oc, g * i_per : (g + 1) * i_per] = norms[oc]
+        out[layer] = (found, None, strength)
+    return out
+
+
+def _describe_node(node: Any, traced: Any) -> str:
+    if node is None:
+        return "the model's input"
+    for name, nodes in traced.module_outputs.items():
+        if node in nodes:
+            return f"the output of {name}"
+    if node.op == "placeholder":
+        return "the model's input"
+    return f"the result of {getattr(node.target, '__name__', node.target)}"
+
+
+# ------------------------------------------------------------------------ data
+
+
+def _data_key(source: Any) -> str:
+    """The dataset's fingerprint, with the content of a few items for in-memory data (whose
+    fingerprint has no file names)."""
+    fp = source.fingerprint()
+    if source.length and source.path(0) is None:
+        h = hashlib.sha256(fp.encode())
+        picks = sorted({round(i * (source.length - 1) / 15) for i in range(16)})
+        for i in picks:
+            try:
+                x = source.load(i)[0]
+            except Exception:  # an unreadable item: the pass will say so
+                continue
+            h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+        fp = h.hexdigest()[:16]
+    return fp
+
+
+def _auto_batch(dev: torch.device) -> int:
+    """Channels per render batch: 8 on a CPU, 32 on a GPU."""
+    return 32 if dev.type in ("cuda", "mps") else 8
+
+
+# ------------------------------------------------------------------------ the public function
+
+
+def microscope(
+    model: Any,
+    data: Any,
+    layers: str | Sequence[str],
+    *,
+    out: str | os.PathLike[str],
+    channels: Any = None,
+    k: int = 9,
+    steps: int = 256,
+    size: int = 128,
+    diversity: int = 4,
+    batch: int | str = "auto",
+    device: DeviceLike | None = None,
+    force: bool = False,
+    seed: int = 0,
+    lr: float = 0.05,
+    diversity_weight: float = _DIVERSITY_WEIGHT,
+    split: str = "val",
+    preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = True,
+    title: str | None = None,
+    settings: dict[str, Any] | None = None,
+) -> Path:
+    """Build a browsable static site of every channel of ``layers``: feature
+    visualizations beside dataset examples, statistics and connections; returns ``out``.
+
+    ``model``: a :class:`convlens.ModelBundle` or an ``nn.Module``; ``data``: anything
+    :func:`convlens.dataset_examples` reads (``convlens.data.shapes()``, a folder, a
+    dataset). ``channels`` (``"0-63"``, a list or ``{layer: ...}``) limits the channels;
+    ``k`` examples each way; ``steps``, ``size``, ``lr``, ``seed``: the renders (``size``
+    px, upsampled to a bundle's input size as ``render`` does); ``diversity`` images in
+    the diversity set (0 for none), pushed apart by Lucid's diversity term with
+    ``diversity_weight`` (Lucid's 1e2 against the channel's mean); ``batch`` channels rendered together (``"auto"``: 8
+    on a CPU, 32 on a GPU; it changes the speed, not the images). ``force`` recomputes
+    what earlier runs left in ``out``. ``settings``: extra entries for the index page.
+
+    Example:
+        >>> site = microscope(convlens.load_model("efficientnet_lite0"), "photos/",
+        ...                   ["blocks.4"], out="site/", steps=128)
+        >>> sorted(p.name for p in site.iterdir())[:2]
+        ['0-blocks.4', 'cache']
+    """
+    from convlens.analysis._sources import make_source
+    from convlens.analysis.examples import (
+        DatasetExamples,
+        _fingerprint,
+        _ranges,
+        dataset_examples,
+    )
+    from convlens.models.layers import unwrap
+    from convlens.models.zoo import model_and_bundle
+    from convlens.report.site import write_site
+
+    t_start = time.perf_counter()
+    for name, v, lo in (
+        ("k", k, 1),
+        ("steps", steps, 1),
+        ("size", size, 8),
+        ("diversity", diversity, 0),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer of at least {lo}, got {v!r}")
+    if diversity == 1:
+        raise ValueError("diversity is 0 (no diversity set) or at least 2 images, got 1")
+    if not (isinstance(diversity_weight, (int, float)) and math.isfinite(diversity_weight)):
+        raise ValueError(f"diversity_weight must be a finite number, got {diversity_weight!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch must be a positive integer or 'auto', got {batch!r}")
+    if isinstance(layers, str):
+        layers = [s.strip() for s in layers.split(",") if s.strip()]
+    layers = list(dict.fromkeys(layers))
+    if not layers:
+        raise ValueError("no layers given: name at least one, e.g. ['blocks.4']")
+    net, bundle = model_and_bundle(model)
+    out_dir = Path(out)
+    dev = distributed.local_device(model_device(net) if device is None else resolve_device(device))
+    ctx = distributed.context(dev)
+    if dev != model_device(net):
+        net.to(dev)
+    render_batch = _auto_batch(dev) if batch == "auto" else int(batch)
+    prep = preprocess if preprocess is not None else (bundle.preprocess if bundle else None)
+    source = make_source(data, prep, split=split)
+    weights = _fingerprint(unwrap(net))
+    stages: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    cache = out_dir / "cache"
+    if ctx.is_main:
+        cache.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+
+    # 1. the dataset pass (sharded; every rank gets the merged result)
+    t0 = time.perf_counter()
+    ex_settings = {
+        "weights": weights,
+        "data": _data_key(source),
+        "split": split,
+        "layers": layers,
+        "channels": channels if not isinstance(channels, range) else list(channels),
+        "k": k,
+        "device": dev.type,
+        "format": 2,
+    }
+    ex_key = _key(ex_settings)
+    ex_dir = cache / f"examples-{ex_key}"
+    result: Any = None
+    if not force and (ex_dir / "examples.json").is_file():
+        try:
+            result = DatasetExamples.load(ex_dir)
+        except ConvlensError:
+            result = None
+    if result is None:
+        ckpt = cache / f"examples-{ex_key}.ckpt"
+        if force and ctx.is_main:
+            for p in cache.glob(f"examples-{ex_key}.ckpt*"):
+                p.unlink()
+        distributed.barrier()
+        try:
+            result = dataset_examples(
+                model,
+                data,
+                layers,
+                k=k,
+                channels=channels,
+                device=dev,
+                progress=progress,
+                checkpoint=ckpt,
+                preprocess=preprocess,
+                split=split,
+            )
+        except ConvlensError as e:
+            if "other settings" not in str(e):
+                raise
+            # another batch size or world size: start the pass over
+            for p in cache.glob(f"examples-{ex_key}.ckpt*"):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            result = dataset_examples(
+                model,
+                data,
+                layers,
+                k=k,
+                channels=channels,
+                device=dev,
+                progress=progress,
+                checkpoint=ckpt,
+                preprocess=preprocess,
+                split=split,
+            )
+        distributed.barrier()
+        if ctx.is_main:
+            result.save(ex_dir)
+            for p in cache.glob(f"examples-{ex_key}.ckpt*"):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        distributed.barrier()
+        counts["dataset_pass"] = 1
+    else:
+        counts["dataset_pass"] = 0
+    stages["dataset pass"] = time.perf_counter() - t0
+    keys = list(result.layers)
+
+    # 2. the renders, split over the ranks
+    t0 = time.perf_counter()
+    plan = _plan(net, bundle, size, steps, lr, seed, diversity, diversity_weight)
+    r_settings = {**plan.settings, "weights": weights, "device": dev.type, "v": _RENDER_VERSION}
+    dirs = {key: _layer_dir(i, key) for i, key in enumerate(keys)}
+    render_dirs = {
+        key: out_dir / dirs[key] / f"r-{_key({**r_settings, 'layer': key})}" for key in keys
+    }
+    example_dirs = {key: out_dir / dirs[key] / f"e-{ex_key}" for key in keys}
+    units = [_Unit(key, i, c) for i, key in enumerate(keys) for c in result.channels(key)]
+    mine = units[ctx.rank :: ctx.world]
+    rendered, reused = _render_units(
+        net, mine, render_dirs, plan, render_batch, dev, force, progress and ctx.is_main
+    )
+    counts["rendered"], counts["renders_reused"] = rendered, reused
+    stages["renders"] = time.perf_counter() - t0
+
+    # 3. the example crops, split the same way
+    t0 = time.perf_counter()
+    written, ex_reused = _example_units(
+        result, data, net, mine, example_dirs, force, split, preprocess, progress and ctx.is_main
+    )
+    counts["examples_written"], counts["examples_reused"] = written, ex_reused
+    stages["examples"] = time.perf_counter() - t0
+    if ctx.world > 1:
+        gathered = distributed.all_gather_objects(counts)
+        counts = {key: sum(int(g[key]) for g in gathered) for key in counts}
+        times = distributed.all_gather_objects(stages)
+        stages = {key: max(float(t[key]) for t in times) for key in stages}
+    distributed.barrier()
+
+    # 4. the pages, by rank 0
+    if ctx.is_main:
+        shapes = {key: tuple(result.layers[key].shape) for key in keys}
+        conns = _connections(net, keys, shapes)
+        doc = _document(
+            result,
+            keys,
+            dirs,
+            render_dirs,
+            example_dirs,
+            conns,
+            plan,
+            out_dir,
+            bundle,
+            net,
+            {
+                "k": result.k,
+                "steps": steps,
+                "size": size,
+                "diversity": diversity,
+                "diversity_weight": diversity_weight,
+                "batch": render_batch,
+                "seed": seed,
+                "lr": lr,
+                "device": str(dev),
+                "world_size": ctx.world,
+                "dtype": plan.settings["dtype"],
+                "transforms": plan.settings["transforms"],
+                "upsample_to": plan.settings["upsample_to"],
+                "channels": {key: _ranges(result.channels(key)) for key in keys},
+                **(settings or {}),
+            },
+            title,
+        )
+        doc["work"] = counts
+        stages["pages"] = 0.0
+        doc["stages"] = dict(stages)
+        t_pages = time.perf_counter()
+        write_site(doc, out_dir)
+        stages["pages"] = time.perf_counter() - t_pages
+        doc["stages"] = {**stages, "total": time.perf_counter() - t_start}
+        write_site(doc, out_dir)  # the index page with the pages' own time
+        write_json(out_dir / "microscope.json", doc)
+    distributed.barrier()
+    return out_dir
+
+
+def _document(
+    result: Any,
+    keys: list[str],
+    dirs: dict[str, str],
+    render_dirs: dict[str, Path],
+    example_dirs: dict[str, Path],
+    conns: dict[str, tuple[str | None, str | None, torch.Tensor | None]],
+    plan: _RenderPlan,
+    out_dir: Path,
+    bundle: Any,
+    net: nn.Module,
+    settings: dict[str, Any],
+    title: str | None,
+) -> dict[str, Any]:
+    """``microscope.json``: everything the pages show, paths relative to ``out_dir``."""
+    from convlens.models.layers import unwrap
+
+    def rel(p: Path) -> str:
+        return p.relative_to(out_dir).as_posix()
+
+    classes = result.classes
+    layers_doc = []
+    for key in keys:
+        le = result.layers[key]
+        chans = result.channels(key)
+        src, why, strength = conns[key]
+        src_chans = set(result.channels(src)) if src is not None else set()
+        units = []
+        for c in chans:
+            st = result.stats(key, c)
+            sel = result.selectivity(key, c)
+            hist = result.histogram(key, c)
+            rmark = _read(render_dirs[key] / f"{c:04d}.json")
+            emark = _read(example_dirs[key] / f"{c:04d}.json")
+            renders = None
+            if rmark is not None:
+                rd = render_dirs[key]
+                y, x = rmark.get("centre") or (None, None)
+                renders = {
+                    "channel": {
+                        "image": rel(rd / rmark["channel"]["image"]),
+                        "value": rmark["channel"]["value"],
+                        "objective": f"channel({key}, {c})",
+                    },
+                    "neuron": {
+                        "image": rel(rd / rmark["neuron"]["image"]),
+                        "value": rmark["neuron"]["value"],
+                        "objective": f"neuron({key}, {c}) at y={y}, x={x}",
+                    },
+                    "negative": {
+                        "image": rel(rd / rmark["negative"]["image"]),
+                        "value": rmark["negative"]["value"],
+                        "objective": f"-channel({key}, {c})",
+                    },
+                    "diversity": [
+                        {"image": rel(rd / d["image"]), "value": d["value"]}
+                        for d in rmark["diversity"]
+                    ],
+                }
+            examples: dict[str, list[dict[str, Any]]] = {}
+            for which in ("top", "bottom"):
+                exs = result.top(key, c) if which == "top" else result.bottom(key, c)
+                files = (emark or {}).get(which, [])
+                rows = []
+                for rank, e in enumerate(exs):
+                    f = files[rank] if rank < len(files) else {}
+                    rows.append(
+                        {
+                            "rank": rank,
+                            "index": e.index,
+                            "score": e.score,
+                            "y": e.y,
+                            "x": e.x,
+                            "label": (
+                                classes[e.label]
+                                if classes and e.label is not None and e.label < len(classes)
+                                else None
+                            ),
+                            "path": e.path,
+                            "box": list(result.receptive_field(key, e.y, e.x)),
+                            "crop": rel(example_dirs[key] / f["crop"]) if "crop" in f else None,
+                            "full": rel(example_dirs[key] / f["full"]) if "full" in f else None,
+                        }
+                    )
+                examples[which] = rows
+            top_classes = None
+            if classes:
+                tally: dict[str, int] = {}
+                for e in examples["top"]:
+                    if e["label"] is not None:
+                        tally[e["label"]] = tally.get(e["label"], 0) + 1
+                top_classes = [
+                    {"class": name, "count": n}
+                    for name, n in sorted(tally.items(), key=lambda kv: (-kv[1], kv[0]))
+                ]
+            connected = None
+            connected_why = why
+            if strength is not None and src is not None:
+                row = strength[c]
+                order = sorted(range(row.numel()), key=lambda i: (-float(row[i]), i))
+                connected = [
+                    {
+                        "layer": src,
+                        "channel": i,
+                        "strength": float(row[i]),
+                        "page": f"{dirs[src]}/{i:04d}.html" if i in src_chans else None,
+                    }
+                    for i in order[:_CONNECTED]
+                    if float(row[i]) > 0
+                ]
+            units.append(
+                {
+                    "channel": c,
+                    "page": f"{dirs[key]}/{c:04d}.html",
+                    "stats": _stats(st),
+                    "selectivity": (
+                        {
+                            "index": _rounded(sel.index),
+                            "top_class": classes[sel.top_class]
+                            if classes
+                            and sel.top_class is not None
+                            and sel.top_class < len(classes)
+                            else None,
+                        }
+                        if classes and not math.isnan(sel.index)
+                        else None
+                    ),
+                    "histogram": {
+                        "edges": list(hist.edges),
+                        "counts": list(hist.counts),
+                        "scale": "symlog",
+                    },
+                    "renders": renders,
+                    "top": examples["top"],
+                    "bottom": examples["bottom"],
+                    "top_classes": top_classes,
+                    "connected": connected,
+                    "connected_why": connected_why,
+                }
+            )
+        rf = le.receptive
+        layers_doc.append(
+            {
+                "name": key,
+                "dir": dirs[key],
+                "shape": [int(v) for v in le.shape],
+                "channels": int(le.shape[0]),
+                "receptive_field": (
+                    {
+                        "size": list(rf.size),
+                        "stride": list(rf.stride),
+                        "bounded": rf.bounded,
+                        "reason": rf.reason or None,
+                    }
+                    if rf is not None
+                    else None
+                ),
+                "connections": {"from": src, "why": why},
+                "units": units,
+            }
+        )
+    base = unwrap(net)
+    n_params = sum(p.numel() for p in base.parameters())
+    return {
+        "format": FORMAT,
+        "title": title or "convlens microscope",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": result.model_name,
+            "description": bundle.description if bundle is not None else type(base).__name__,
+            "parameters": n_params,
+        },
+        "dataset": {
+            "name": result.dataset,
+            "size": result.length,
+            "labelled": bool(result.classes),
+            "classes": result.classes,
+            "skipped": len(result.skipped),
+        },
+        "settings": settings,
+        "versions": versions(),
+        "notes": list(result.notes),
+        "layers": layers_doc,
+    }
+
+
+#: Significant digits of the float64 moments on the site. Chan's merge gives another
+#: world size the same moments to about 1e-15 (relative), not bitwise; at 10 digits the
+#: pages are the same for any world size unless a value lies within that of a rounding
+#: boundary. Scores, min, max, counts and the histogram are exact either way.
+_MOMENT_DIGITS = 10
+
+
+def _rounded(v: float | None) -> float | None:
+    if v is None or not math.isfinite(v):
+        return None
+    return float(f"{v:.{_MOMENT_DIGITS}g}")
+
+
+def _stats(st: Any) -> dict[str, Any]:
+    d = _finite(st._asdict())
+    d["mean"], d["std"] = _rounded(st.mean), _rounded(st.std)
+    return d
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
