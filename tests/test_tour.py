@@ -110,7 +110,7 @@ def test_interrupted_tour_resumes_without_recomputing(
     calls.clear()
     tour_mod._COMPUTE["depth"] = counting("depth")
     tour(config=tiny(), out=out, progress=False, device="cpu")
-    assert calls == ["depth", "spatial", "pretrained", "featurevis", "summary"]
+    assert calls == ["depth", "spatial", "pretrained", "featurevis", "microscope", "summary"]
     assert statuses(out) == {sid: "done" for sid, _ in SECTIONS}
 
     calls.clear()  # a finished tour: only the summary is rebuilt

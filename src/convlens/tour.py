@@ -16,7 +16,9 @@ assembles ``DIR/report.json`` and the self-contained ``DIR/report.html``
    and the whole sensitivity map of the top class beside it;
 8. ``pretrained``: a pretrained model (top-5, early vs deep feature maps);
 9. ``featurevis``: feature visualization of the first 10 channels of the course's layer;
-10. ``summary``: the course's questions with the numbers found.
+10. ``microscope``: the trained SimpleCNN's ``bn3`` under :func:`convlens.microscope` on the
+    validation data: a compact grid here and the full site in ``DIR/microscope/``;
+11. ``summary``: the course's questions with the numbers found.
 
 Every finished section is cached in ``DIR`` (its JSON is written last, atomically), so a
 run that was interrupted picks up where it stopped; ``force=True`` recomputes. A section
@@ -64,7 +66,8 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("spatial", "7. Does it know where things are?"),
     ("pretrained", "8. A pretrained model"),
     ("featurevis", "9. Feature visualization"),
-    ("summary", "10. Summary"),
+    ("microscope", "10. Microscope: every unit of the trained network"),
+    ("summary", "11. Summary"),
 )
 _FORMAT = 2  # bump when a section's JSON changes meaning: old caches are recomputed
 
@@ -83,6 +86,8 @@ class TourConfig:
     vis_steps: int = 256
     vis_size: int = 128
     vis_channels: int = 10
+    micro_steps: int = 128
+    micro_channels: int | None = None  # None: every channel of the layer
     box: tuple[int, int, int, int] = (30, 90, 40, 110)
     seed: int = 0
 
@@ -109,6 +114,8 @@ class TourConfig:
                 train_per_class=300,
                 vis_steps=48,
                 vis_size=128,
+                micro_steps=32,
+                micro_channels=16,
             )
         else:
             cfg = cls()
@@ -127,6 +134,7 @@ class TourConfig:
             if steps < 1:
                 raise ValueError(f"steps must be at least 1, got {steps}")
             cfg.vis_steps = steps
+            cfg.micro_steps = steps
         cfg.seed = seed
         return cfg
 
@@ -614,6 +622,75 @@ def _featurevis(ctx: _Ctx) -> dict[str, Any]:
     }
 
 
+def _microscope(ctx: _Ctx) -> dict[str, Any]:
+    from convlens.analysis.featurevis import featurevis_layer
+    from convlens.microscope import microscope
+    from convlens.plot import microscope_grid
+
+    bundle = ctx.trained()
+    _, val = ctx.datasets()
+    names = {n for n, _ in bundle.model.named_modules()}
+    layer = "bn3" if "bn3" in names else featurevis_layer(bundle)
+    n = ctx.cfg.micro_channels
+    quick = ctx.cfg.quick
+    site = microscope(
+        bundle,
+        val,
+        [layer],
+        out=ctx.out / "microscope",
+        channels=f"0-{n - 1}" if n else None,
+        k=6 if quick else 9,
+        steps=ctx.cfg.micro_steps,
+        diversity=2 if quick else 4,
+        seed=ctx.cfg.seed,
+        device=ctx.device,
+        progress=ctx.progress,
+        title=f"convlens tour: {bundle.name} {layer}",
+        settings={"tour": True},
+    )
+    doc = json.loads((site / "microscope.json").read_text())
+    units = doc["layers"][0]["units"]
+    rows = []
+    for u in units:
+        sel = u.get("selectivity") or {}
+        rows.append(
+            [
+                u["channel"],
+                _r(u["stats"]["mean"]) if u["stats"]["mean"] is not None else None,
+                _r(sel["index"]) if sel.get("index") is not None else None,
+                sel.get("top_class"),
+            ]
+        )
+    shown = min(8, len(units))
+    return {
+        "intro": (
+            f"Every channel of the trained {bundle.name}'s {layer} across the "
+            f"{doc['dataset']['size']} validation images: its feature visualization "
+            "(the channel objective) beside the validation crops that excite it most. "
+            f"Below, the first {shown}; the full site, one page per channel with the "
+            "neuron, negative and diversity renders, the bottom examples, a histogram "
+            "and the class selectivity, is in the microscope folder next to this report."
+        ),
+        "figures": [
+            ctx.save(microscope_grid(site, layer, max_channels=shown), "microscope_grid.png")
+        ],
+        "tables": [
+            {
+                "caption": "Per channel: mean score, class selectivity, top class",
+                "columns": ["channel", "mean", "selectivity", "top class"],
+                "rows": rows,
+            }
+        ],
+        "links": [{"href": "microscope/index.html", "text": f"Open the microscope of {layer}"}],
+        "numbers": {
+            "layer": layer,
+            "channels": len(units),
+            "steps": ctx.cfg.micro_steps,
+            "seconds": {k: round(float(v), 1) for k, v in doc["stages"].items()},
+        },
+    }
+
+
 def _summary(ctx: _Ctx) -> dict[str, Any]:
     def get(section: str, key: str) -> Any:
         s = ctx.done.get(section, {})
@@ -657,6 +734,16 @@ def _summary(ctx: _Ctx) -> dict[str, Any]:
         ],
         ["What does a big model see?", "top-1 for the image", show(get("pretrained", "top-1"))],
         ["What input makes a neuron fire?", "feature visualization", show(fv_text)],
+        [
+            "What does each unit detect across the data?",
+            "the microscope: renders beside dataset examples, per channel",
+            show(
+                None
+                if get("microscope", "layer") is None
+                else f"{get('microscope', 'channels')} channels of "
+                f"{get('microscope', 'layer')}: microscope/index.html"
+            ),
+        ],
     ]
     states = {sid: ctx.done.get(sid, {}).get("status", "not run") for sid, _ in SECTIONS[:-1]}
     return {
@@ -682,6 +769,7 @@ _COMPUTE: dict[str, Callable[[_Ctx], dict[str, Any]]] = {
     "spatial": _spatial,
     "pretrained": _pretrained,
     "featurevis": _featurevis,
+    "microscope": _microscope,
     "summary": _summary,
 }
 
@@ -696,6 +784,15 @@ _DEPENDS: dict[str, tuple[str, ...]] = {
     "spatial": ("model", "images", "box"),
     "pretrained": ("model", "images"),
     "featurevis": ("vis_model", "vis_steps", "vis_size", "vis_channels", "seed"),
+    "microscope": (
+        "data",
+        "train_per_class",
+        "epochs",
+        "seed",
+        "quick",
+        "micro_steps",
+        "micro_channels",
+    ),
     "summary": ("__always__",),
 }
 
@@ -704,7 +801,7 @@ def _key(cfg: TourConfig, sid: str, device: torch.device) -> str:
     d = asdict(cfg)
     parts = {k: d[k] for k in _DEPENDS[sid] if k in d}
     parts["format"] = _FORMAT
-    parts["device"] = device.type if sid in ("training", "featurevis") else None
+    parts["device"] = device.type if sid in ("training", "featurevis", "microscope") else None
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

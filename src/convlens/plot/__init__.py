@@ -12,6 +12,7 @@ from convlens.plot.examples import examples
 from convlens.plot.featurevis import feature_vis
 from convlens.plot.filters import filter_grid, kernels
 from convlens.plot.images import channels
+from convlens.plot.microscope import microscope_grid
 from convlens.plot.occlusion import occlusion
 from convlens.plot.sensitivity import sensitivity
 from convlens.plot.training import (
@@ -35,6 +36,7 @@ __all__ = [
     "filters_before_after",
     "kernels",
     "mean_maps",
+    "microscope_grid",
     "occlusion",
     "predictions",
     "sample_batch",

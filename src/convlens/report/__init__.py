@@ -24,6 +24,7 @@ The contract, ``DIR/report.json``::
                       "rows": [["bn1", 0.91], ["layer4", 0.42]]}],
           "numbers": {"shape": [3, 224, 224], "min": 0.0},  # shown as a definition list
           "notes": ["plain text lines"],
+          "links": [{"href": "microscope/index.html", "text": "the full site"}],  # relative to DIR
           "missing": {"reason": "why it could not run",      # status missing/failed only
                       "fix": "convlens tour --data imagenette --out tour/"}
         }

@@ -198,12 +198,34 @@ def _section(sec: Any, i: int, base_dir: Path, used: set[str]) -> dict[str, Any]
         "tables": tables,
         "numbers": _pairs(sec, "numbers", f"{where}.numbers"),
         "notes": [_text(n) for n in (notes if isinstance(notes, list) else [notes])],
+        "links": _links(sec, f"{where}.links"),
         "missing": (
             {"reason": _text(missing.get("reason")), "fix": _text(missing.get("fix"))}
             if missing or status != "done"
             else None
         ),
     }
+
+
+def _links(sec: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """A section's links to files next to the report (relative paths only: no scheme, no
+    absolute path, no ``..``), each segment percent-encoded."""
+    from urllib.parse import quote
+
+    out = []
+    for j, a in enumerate(_field(sec, "links", list, where)):
+        a = _expect(a, dict, f"{where}[{j}]")
+        href = _text(a.get("href"))
+        parts = href.split("/")
+        if not href or ":" in parts[0] or href.startswith("/") or ".." in parts or "\\" in href:
+            raise ValueError(
+                f"{where}[{j}].href {href!r}: a path relative to the report's folder, "
+                "e.g. microscope/index.html"
+            )
+        out.append(
+            {"href": "/".join(quote(p) for p in parts), "text": _text(a.get("text")) or href}
+        )
+    return out
 
 
 @functools.cache
