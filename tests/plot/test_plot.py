@@ -286,3 +286,36 @@ def test_save_figure_failure_leaves_no_temp_and_keeps_old_file(tmp_path) -> None
         cplot.save_figure(cplot.kernels(), target)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["fig.notaformat"]
+
+
+def test_microscope_grid_reads_a_site(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "analysis"))
+    from _examples_fixtures import tiny_data, tiny_model
+
+    import convlens
+    from convlens.plot import microscope_grid
+
+    site = convlens.microscope(
+        tiny_model(),
+        tiny_data(n=9),
+        ["conv2"],
+        out=tmp_path / "s",
+        channels="0-3",
+        k=2,
+        steps=2,
+        size=16,
+        diversity=0,
+        progress=False,
+    )
+    fig = microscope_grid(site, max_channels=3, examples=2)
+    axes = fig.get_axes()
+    assert len(axes) == 3 * 3
+    assert sum(1 for ax in axes if ax.images) == 9  # a render and 2 crops per row
+    assert axes[0].get_title() == "ch 0: render"
+    with pytest.raises(KeyError, match="conv2"):
+        microscope_grid(site, "conv9")
+    with pytest.raises(FileNotFoundError, match="convlens microscope"):
+        microscope_grid(tmp_path / "nothing")

@@ -353,3 +353,19 @@ def test_import_does_not_pull_in_matplotlib() -> None:
     code = "import sys, convlens.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_links_are_relative_encoded_and_checked(tmp_path: Path) -> None:
+    doc = synthetic_report(tmp_path)
+    doc["sections"][0]["links"] = [
+        {"href": "microscope/index.html", "text": "the full site"},
+        {"href": f"odd dir/{EVIL}.html", "text": EVIL},
+    ]
+    html = render_html(doc, tmp_path)
+    assert '<a href="microscope/index.html">the full site</a>' in html
+    assert "odd%20dir/%3Cscript%3Ealert%281%29%3C/script%3E.html" in html
+    assert EVIL not in html
+    for bad in ("https://example.com/x", "/etc/passwd", "../up.html", "a/../../b", "file:x"):
+        doc["sections"][0]["links"] = [{"href": bad}]
+        with pytest.raises(ValueError, match="relative"):
+            render_html(doc, tmp_path)
