@@ -222,3 +222,20 @@ def test_torchrun_two_processes_write_the_same_site(tmp_path: Path, site: Path) 
             d.pop(key)
         d["settings"].pop("world_size")
     assert a == b
+
+
+@pytest.mark.slow
+def test_quick_builds_the_whole_offline_site(tmp_path: Path) -> None:
+    """The real --quick: efficientnet_lite0 on the drawn shapes, no download."""
+    out = tmp_path / "site"
+    r = run("microscope", "--quick", "--device", "cpu", "--quiet", "--out", str(out))
+    assert_ok(r)
+    doc = json.loads((out / "microscope.json").read_text())
+    (layer,) = doc["layers"]
+    assert layer["name"] == "blocks.4" and layer["channels"] == 112
+    assert [u["channel"] for u in layer["units"]] == list(range(16))
+    assert doc["settings"]["steps"] == 32 and doc["settings"]["quick"] is True
+    for u in layer["units"]:
+        assert len(u["renders"]["diversity"]) == 2 and len(u["top"]) == 6
+        assert u["selectivity"] is not None  # the shapes are labelled
+        assert (out / u["renders"]["channel"]["image"]).is_file()

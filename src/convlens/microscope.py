@@ -758,6 +758,7 @@ def microscope(
         DatasetExamples,
         _fingerprint,
         _ranges,
+        checkpoint_path,
         dataset_examples,
     )
     from convlens.models.layers import unwrap
@@ -829,8 +830,9 @@ def microscope(
             for p in cache.glob(f"examples-{ex_key}.ckpt*"):
                 p.unlink()
         distributed.barrier()
-        try:
-            result = dataset_examples(
+
+        def run_pass() -> Any:
+            return dataset_examples(
                 model,
                 data,
                 layers,
@@ -842,25 +844,15 @@ def microscope(
                 preprocess=preprocess,
                 split=split,
             )
+
+        try:
+            result = run_pass()
         except ConvlensError as e:
             if "other settings" not in str(e):
                 raise
-            # another batch size or world size: start the pass over
-            for p in cache.glob(f"examples-{ex_key}.ckpt*"):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-            result = dataset_examples(
-                model,
-                data,
-                layers,
-                k=k,
-                channels=channels,
-                device=dev,
-                progress=progress,
-                checkpoint=ckpt,
-                preprocess=preprocess,
-                split=split,
-            )
+            # this rank's checkpoint is from another batch size: start its pass over
+            checkpoint_path(ckpt, ctx).unlink(missing_ok=True)
+            result = run_pass()
         distributed.barrier()
         if ctx.is_main:
             result.save(ex_dir)

@@ -10,6 +10,7 @@ import click
 from convlens.cli._group import (
     MODEL_HELP,
     BadInput,
+    F,
     _device_option,
     _handle_errors,
     _layers_arg,
@@ -41,25 +42,32 @@ def _examples_data(spec: str, split: str, progress: bool) -> Any:
     return train if split == "train" else val
 
 
+def _dataset_options(fn: F) -> F:
+    """``--model``, ``--data`` and ``--split`` of the dataset-scale commands (examples,
+    microscope): efficientnet_lite0 on the drawn shapes by default, both offline."""
+    fn = click.option(
+        "--split",
+        type=click.Choice(["train", "val"]),
+        default="val",
+        show_default=True,
+        help="The split of shapes, imagenette or a train/ + val/ folder.",
+    )(fn)
+    fn = click.option(
+        "--data",
+        "data_spec",
+        default="shapes",
+        show_default=True,
+        help="shapes (offline), imagenette (downloaded once), a folder (class sub-folders, a "
+        "flat folder of images, or train/ and val/), or an Imagenette .tgz/.tar.",
+    )(fn)
+    fn = click.option(
+        "--model", "model_spec", default="efficientnet_lite0", show_default=True, help=MODEL_HELP
+    )(fn)
+    return fn
+
+
 @main.command("examples")
-@click.option(
-    "--model", "model_spec", default="efficientnet_lite0", show_default=True, help=MODEL_HELP
-)
-@click.option(
-    "--data",
-    "data_spec",
-    default="shapes",
-    show_default=True,
-    help="shapes (offline), imagenette (downloaded once), a folder (class sub-folders, a "
-    "flat folder of images, or train/ and val/), or an Imagenette .tgz/.tar.",
-)
-@click.option(
-    "--split",
-    type=click.Choice(["train", "val"]),
-    default="val",
-    show_default=True,
-    help="The split of shapes, imagenette or a train/ + val/ folder.",
-)
+@_dataset_options
 @click.option(
     "--layers",
     default=None,

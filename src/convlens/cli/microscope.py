@@ -8,7 +8,6 @@ from typing import Any
 import click
 
 from convlens.cli._group import (
-    MODEL_HELP,
     BadInput,
     _device_option,
     _handle_errors,
@@ -20,7 +19,7 @@ from convlens.cli._group import (
     _wrote,
     main,
 )
-from convlens.cli.examples import _examples_data
+from convlens.cli.examples import _dataset_options, _examples_data
 
 #: What ``--quick`` sets, for every option not given: one middle layer, 16 channels, few
 #: steps; efficientnet_lite0 on the drawn shapes, both offline (the defaults anyway).
@@ -28,24 +27,7 @@ QUICK = {"channels": "0-15", "steps": 32, "k": 6, "diversity": 2}
 
 
 @main.command("microscope")
-@click.option(
-    "--model", "model_spec", default="efficientnet_lite0", show_default=True, help=MODEL_HELP
-)
-@click.option(
-    "--data",
-    "data_spec",
-    default="shapes",
-    show_default=True,
-    help="shapes (offline), imagenette (downloaded once), a folder (class sub-folders, a "
-    "flat folder of images, or train/ and val/), or an Imagenette .tgz/.tar.",
-)
-@click.option(
-    "--split",
-    type=click.Choice(["train", "val"]),
-    default="val",
-    show_default=True,
-    help="The split of shapes, imagenette or a train/ + val/ folder.",
-)
+@_dataset_options
 @click.option(
     "--layers",
     default=None,
