@@ -67,8 +67,6 @@ FORMAT = 1
 _RENDER_VERSION = 1
 #: Lucid's diversity weight (1e2 against a batch-mean objective), for our per-image sums
 _DIVERSITY_WEIGHT = 1e2
-#: how many top examples a layer page shows beside each channel's render
-_GRID_EXAMPLES = 3
 #: the longest side of the whole top images on a channel page
 _THUMB = 96
 #: strongest input channels listed for a connected convolution
