@@ -13,6 +13,7 @@ Example:
 """
 
 from convlens.analysis.activations import channel_stats, mean_map, normalize_maps
+from convlens.analysis.attribution import Attribution, attribute
 from convlens.analysis.examples import DatasetExamples, Example, dataset_examples
 from convlens.analysis.featurevis import RenderResult, objectives, render
 from convlens.analysis.filters import filter_responses, selectivity
@@ -37,6 +38,7 @@ from convlens.train import TrainResult, evaluate, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attribution",
     "ConvlensError",
     "DatasetError",
     "DatasetExamples",
@@ -52,6 +54,7 @@ __all__ = [
     "SimpleCNN",
     "TrainResult",
     "__version__",
+    "attribute",
     "capture",
     "channel_stats",
     "classify",
