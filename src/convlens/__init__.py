@@ -13,7 +13,14 @@ Example:
 """
 
 from convlens.analysis.activations import channel_stats, mean_map, normalize_maps
-from convlens.analysis.attribution import Attribution, attribute
+from convlens.analysis.attribution import (
+    Attribution,
+    Faithfulness,
+    Sanity,
+    attribute,
+    faithfulness,
+    sanity,
+)
 from convlens.analysis.examples import DatasetExamples, Example, dataset_examples
 from convlens.analysis.featurevis import RenderResult, objectives, render
 from convlens.analysis.filters import filter_responses, selectivity
@@ -43,6 +50,7 @@ __all__ = [
     "DatasetError",
     "DatasetExamples",
     "Example",
+    "Faithfulness",
     "ImageLoadError",
     "LayerNotFoundError",
     "ModelBundle",
@@ -50,6 +58,7 @@ __all__ = [
     "OcclusionResult",
     "Prediction",
     "RenderResult",
+    "Sanity",
     "SensitivityResult",
     "SimpleCNN",
     "TrainResult",
@@ -60,6 +69,7 @@ __all__ = [
     "classify",
     "dataset_examples",
     "evaluate",
+    "faithfulness",
     "filter_responses",
     "list_layers",
     "list_models",
@@ -73,6 +83,7 @@ __all__ = [
     "render",
     "resolve_device",
     "sample_image",
+    "sanity",
     "selectivity",
     "sensitivity",
     "tour",

@@ -14,6 +14,17 @@ Example:
 """
 
 from convlens.analysis.attribution.api import CAM_METHODS, METHODS, attribute
+from convlens.analysis.attribution.faithfulness import Faithfulness, faithfulness
 from convlens.analysis.attribution.result import Attribution
+from convlens.analysis.attribution.sanity import Sanity, sanity
 
-__all__ = ["CAM_METHODS", "METHODS", "Attribution", "attribute"]
+__all__ = [
+    "CAM_METHODS",
+    "METHODS",
+    "Attribution",
+    "Faithfulness",
+    "Sanity",
+    "attribute",
+    "faithfulness",
+    "sanity",
+]

@@ -59,6 +59,9 @@ TargetSpec = Any  # int | str | Sequence[int | str] | Tensor | Callable | None
 MEMORY_SHARE = 0.4
 #: Most rows per batch on a CPU: larger batches gain nothing there and cost memory.
 CPU_MAX_ROWS = 32
+#: Up to this many rows in all, ``batch="auto"`` runs them at once without measuring the
+#: model, and the model runs as it is (folding BatchNorms costs more than it saves).
+SMALL_ROWS = 4
 
 
 class _StopForward(BaseException):
@@ -362,6 +365,8 @@ def auto_rows(rows: int, per_row: float, device: torch.device, *, memory: int | 
 def batch_rows(batch: int | str, rows: int, per_row: Callable[[], float], dev: torch.device) -> int:
     """``batch`` as given (a positive int) or sized by :func:`auto_rows` for ``"auto"``."""
     if batch == "auto":
+        if rows <= SMALL_ROWS:  # a handful of rows: no trace needed to size them
+            return max(rows, 1)
         return auto_rows(rows, per_row(), dev)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int or 'auto', got {batch!r}")

@@ -11,6 +11,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from convlens.analysis.attribution import _core
 from convlens.analysis.attribution._core import (
     AttrTarget,
     Scorer,
@@ -33,7 +34,8 @@ from convlens.analysis.attribution.gradients import (
 from convlens.analysis.attribution.result import Attribution
 from convlens.capture import model_device
 from convlens.device import DeviceLike, resolve_device
-from convlens.models.forms import OutputKey, dtype_name, model_dtype
+from convlens.errors import ConvlensError
+from convlens.models.forms import OutputKey, dtype_name, is_scripted, model_dtype
 from convlens.models.layers import find_layers, unwrap
 
 __all__ = ["CAM_METHODS", "METHODS", "attribute"]
@@ -254,6 +256,11 @@ def attribute(
             model, net, bundle, x, targets, window, stride, batch, output, normalize, dev, t0
         )
 
+    if method == "guided_backprop" and is_scripted(net):
+        raise ConvlensError(
+            "guided backpropagation changes the ReLUs' gradients, which a TorchScript module "
+            "hides: pass the eager nn.Module you scripted (the other gradient methods work on it)"
+        )
     cam_layer: str | None = None
     if method in CAM_METHODS:
         cam_layer = layer if layer is not None else _default_layer(net)
@@ -276,7 +283,11 @@ def attribute(
             s = Scorer(m, targets, output=output)
             return s(x[:1], rows0[:1]).detach()
 
-        run, folded = fast_model(net, x[:1], keep, check)
+        rows_total = N * (steps if method == "integrated_gradients" else 1) * max(samples or 1, 1)
+        if method == "scorecam" or rows_total > _core.SMALL_ROWS:
+            run, folded = fast_model(net, x[:1], keep, check)
+        else:  # a handful of rows: folding would cost more forwards than it saves
+            run, folded = net, 0
         scorer = Scorer(run, targets, output=output, read=cam_layer)
         with torch.no_grad():
             score = ref(x, rows0).detach().float()
@@ -402,10 +413,12 @@ def attribute(
         finally:
             bar.close()
 
-    if normalize:
-        amap = _normalized(amap)
+    if normalize:  # pytorch-grad-cam's display: a CAM is clipped at its own resolution
         if layer_map is not None:
+            amap = _normalized(_upsample(layer_map.clamp_min(0), tuple(x.shape[-2:])))
             layer_map = _normalized(layer_map)
+        else:
+            amap = _normalized(amap)
     if notes:
         settings["notes"] = notes
     parsed: list[AttrTarget] | None = None if callable(targets) else targets
