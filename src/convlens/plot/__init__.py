@@ -7,6 +7,7 @@ elsewhere ``save_figure(fig, "x.png")``.
 
 from convlens.plot._base import save_figure
 from convlens.plot.activations import channel_stats, feature_maps, mean_maps
+from convlens.plot.attribution import attribution, faithfulness_curves, sanity
 from convlens.plot.depth import depth_comparison
 from convlens.plot.examples import examples
 from convlens.plot.featurevis import feature_vis
@@ -24,12 +25,14 @@ from convlens.plot.training import (
 )
 
 __all__ = [
+    "attribution",
     "channel_stats",
     "channels",
     "confusion",
     "curves",
     "depth_comparison",
     "examples",
+    "faithfulness_curves",
     "feature_maps",
     "feature_vis",
     "filter_grid",
@@ -40,6 +43,7 @@ __all__ = [
     "occlusion",
     "predictions",
     "sample_batch",
+    "sanity",
     "save_figure",
     "sensitivity",
 ]
