@@ -148,3 +148,22 @@ def test_microscope_on_cuda_matches_cpu_and_its_batches(tmp_path):
         return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("r-*/*.png")}
 
     assert pngs(gpu) and pngs(gpu) == pngs(gpu3)
+
+
+@pytest.mark.parametrize(
+    "method", ["saliency", "integrated_gradients", "guided_backprop", "gradcam", "scorecam"]
+)
+def test_attribution_on_cuda_matches_cpu(method):
+    torch.manual_seed(0)
+    cpu_model = torchvision.models.resnet18().eval()
+    gpu_model = torchvision.models.resnet18()
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    gpu_model = gpu_model.cuda().eval()
+    x = torch.randn(2, 3, 64, 64)
+    cpu = convlens.attribute(cpu_model, x, [3, 7], method=method, steps=8)
+    gpu = convlens.attribute(gpu_model, x, [3, 7], method=method, steps=8, device="cuda")
+    assert gpu.settings["device"].startswith("cuda") and gpu.map.device.type == "cpu"
+    scale = float(cpu.map.abs().max())
+    assert float((gpu.map - cpu.map).abs().max()) <= 1e-3 * scale
+    torch.testing.assert_close(gpu.score, cpu.score, rtol=1e-4, atol=1e-4)
+    assert all(p.grad is None for p in gpu_model.parameters())

@@ -508,3 +508,22 @@ def test_ordered_dict_of_layers_resolves_names() -> None:
     ).eval()
     a = attribute(net, torch.randn(1, 3, 6, 6), 1, method="gradcam")
     assert a.layer == "conv" and a.layer_map is not None and a.layer_map.shape == (1, 4, 4)
+
+
+def test_torchscript_takes_class_targets_and_refuses_hooks_in_one_line() -> None:
+    net = tiny()
+    x = torch.randn(2, 3, 8, 8)
+    scripted = torch.jit.script(net)
+    for method in ("saliency", "input_x_gradient", "integrated_gradients"):
+        a = attribute(scripted, x, 1, method=method, steps=8)
+        b = attribute(net, x, 1, method=method, steps=8)
+        torch.testing.assert_close(a.map, b.map, rtol=1e-4, atol=1e-6)
+    for method, target in (
+        ("gradcam", 1),
+        ("scorecam", 1),
+        ("guided_backprop", 1),
+        ("saliency", "conv2:1"),
+    ):
+        with pytest.raises(convlens.ConvlensError, match="TorchScript") as e:
+            attribute(scripted, x, target, method=method)
+        assert "\n" not in str(e.value) and "eager" in str(e.value)

@@ -35,6 +35,7 @@ from convlens.models.forms import (
     HOOK_TABLES,
     OutputKey,
     dtype_support,
+    is_scripted,
     model_dtype,
     require_hooks,
     select_output,
@@ -335,6 +336,8 @@ def row_bytes(net: nn.Module, shape: Sequence[int], dtype: torch.dtype) -> float
 
     key = (tuple(shape), dtype)
     known = _ROW_BYTES.setdefault(net, {})
+    if key not in known and is_scripted(net):  # no hooks to measure it: 32 maps like the input
+        known[key] = 2.0 * 4 * 32 * math.prod(shape)
     if key not in known:
         calls = trace_calls(net, (1, *shape), dtype=dtype)
         size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4

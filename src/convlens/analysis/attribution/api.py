@@ -35,7 +35,7 @@ from convlens.analysis.attribution.result import Attribution
 from convlens.capture import model_device
 from convlens.device import DeviceLike, resolve_device
 from convlens.errors import ConvlensError
-from convlens.models.forms import OutputKey, dtype_name, is_scripted, model_dtype
+from convlens.models.forms import OutputKey, dtype_name, is_scripted, model_dtype, require_hooks
 from convlens.models.layers import find_layers, unwrap
 
 __all__ = ["CAM_METHODS", "METHODS", "attribute"]
@@ -263,6 +263,7 @@ def attribute(
         )
     cam_layer: str | None = None
     if method in CAM_METHODS:
+        require_hooks(net, f"{method} (it reads a layer)")
         cam_layer = layer if layer is not None else _default_layer(net)
         find_layers(net, [cam_layer])  # LayerNotFoundError with the closest names
 
