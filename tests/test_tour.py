@@ -22,6 +22,10 @@ def tiny(**over) -> TourConfig:
     cfg.train_per_class = 12
     cfg.vis_size = 48
     cfg.vis_channels = 3
+    cfg.attr_steps = 4
+    cfg.faith_steps = 5
+    cfg.sanity_methods = ("saliency", "gradcam")
+    cfg.sanity_steps = 2
     for k, v in over.items():
         setattr(cfg, k, v)
     return cfg
@@ -66,6 +70,16 @@ def test_tiny_quick_tour_runs_every_section(tiny_tour: Path):
     assert 0.0 <= acc <= 1.0
     assert len(by_id["featurevis"]["tables"][0]["rows"]) == 3
     assert by_id["spatial"]["tables"][0]["columns"][1] == "inside_fraction"
+    # the "where" section three ways: occlusion, integrated gradients, Grad-CAM, and the
+    # sanity check, each with its numbers
+    where = by_id["spatial"]
+    files = {f["file"] for f in where["figures"]}
+    assert {"spatial_attribution.png", "spatial_sanity.png"} <= files
+    auc = where["numbers"]["deletion AUC"]
+    assert set(auc) == {"occlusion", "integrated_gradients", "gradcam"}
+    assert all(0.0 <= v <= 1.0 for v in auc.values())
+    assert [r[0] for r in where["tables"][2]["rows"]] == ["saliency", "gradcam"]
+    assert where["numbers"]["grad-cam layer"] == "bn2"  # efficientnet_lite0's last block
 
 
 @pytest.mark.browser

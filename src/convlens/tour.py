@@ -69,7 +69,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("microscope", "10. Microscope: every unit of the trained network"),
     ("summary", "11. Summary"),
 )
-_FORMAT = 2  # bump when a section's JSON changes meaning: old caches are recomputed
+_FORMAT = 3  # bump when a section's JSON changes meaning: old caches are recomputed
 
 
 @dataclass
@@ -89,6 +89,15 @@ class TourConfig:
     micro_steps: int = 128
     micro_channels: int | None = None  # None: every channel of the layer
     box: tuple[int, int, int, int] = (30, 90, 40, 110)
+    attr_steps: int = 64  # integrated gradients in the "where" section
+    faith_steps: int = 50  # deletion curve points
+    sanity_methods: tuple[str, ...] = (
+        "saliency",
+        "integrated_gradients",
+        "guided_backprop",
+        "gradcam",
+    )
+    sanity_steps: int = 16  # integrated gradients in the sanity check
     seed: int = 0
 
     @classmethod
@@ -116,6 +125,9 @@ class TourConfig:
                 vis_size=128,
                 micro_steps=32,
                 micro_channels=16,
+                attr_steps=16,
+                faith_steps=25,
+                sanity_steps=8,
             )
         else:
             cfg = cls()
@@ -506,6 +518,7 @@ def _spatial(ctx: _Ctx) -> dict[str, Any]:
     peak = int(smap.map.argmax())
     py, px = divmod(peak, smap.map.shape[1])
     label = bundle.labels[top] if bundle.labels and top < len(bundle.labels) else str(top)
+    where = _where_three_ways(ctx, bundle, x, top, smap)
     return {
         "intro": (
             f"A box {ctx.cfg.box} (top, bottom, left, right) of {name} is blacked out and "
@@ -515,18 +528,28 @@ def _spatial(ctx: _Ctx) -> dict[str, Any]:
             f"spread it ({last}: {r.layers[last].inside_fraction:.2f}).\n\n"
             f"The whole map (Zeiler and Fergus): a 32 px window slid over every position "
             f"(stride 16), and how much the score of the top class, {label}, drops each "
-            "time. Red: hiding that part lowers the score."
+            "time. Red: hiding that part lowers the score.\n\n"
+            "Three ways to ask which pixels the answer depends on: occlusion, integrated "
+            "gradients and Grad-CAM, each signed (red raises the score, blue lowers it) on its "
+            "own symmetric scale. Deletion AUC: remove the pixels a map ranks first and watch "
+            "the class probability fall; lower is more faithful, and a random order is the "
+            "bar to beat. The sanity check (Adebayo et al. 2018) re-initialises the model's "
+            "layers from the top down: a map that explains the model must change with it "
+            "(its rank correlation with the original falls), while a map that stays put "
+            "(guided backpropagation, typically) shows the image's edges, not the model."
         ),
         "figures": [
             ctx.save(occlusion(r), "spatial_occlusion.png"),
             ctx.save(sensitivity_figure(smap), "spatial_sensitivity.png"),
+            *where["figures"],
         ],
         "tables": [
             {
                 "caption": "Where the change goes",
                 "columns": ["layer", "inside_fraction", "area_fraction"],
                 "rows": rows,
-            }
+            },
+            *where["tables"],
         ],
         "numbers": {
             "model": bundle.description,
@@ -536,8 +559,101 @@ def _spatial(ctx: _Ctx) -> dict[str, Any]:
             "largest drop": _r(float(smap.map.max())),
             "window with the largest drop (top, left)": [smap.ys[py], smap.xs[px]],
             "sensitivity seconds": round(smap.seconds, 2),
+            **where["numbers"],
         },
         "notes": [str(w.message) for w in caught],
+    }
+
+
+def _where_three_ways(
+    ctx: _Ctx, bundle: Any, x: torch.Tensor, top: int, smap: Any
+) -> dict[str, Any]:
+    """Occlusion, integrated gradients and Grad-CAM for the top class, their deletion AUCs,
+    and the model-randomization sanity check."""
+    from convlens.analysis.attribution import Attribution, attribute
+    from convlens.analysis.attribution.faithfulness import faithfulness
+    from convlens.analysis.attribution.sanity import sanity
+    from convlens.plot import attribution as attribution_figure
+    from convlens.plot import sanity as sanity_figure
+
+    steps = ctx.cfg.attr_steps
+    occ = Attribution(
+        map=smap.attribution.unsqueeze(0).float(),
+        score=torch.tensor([smap.score], dtype=torch.float32),
+        target=(str(top),),
+        method="occlusion",
+        input=x.unsqueeze(0).detach().cpu(),
+        labels=(bundle.labels[top] if bundle.labels and top < len(bundle.labels) else None,),
+        model_name=bundle.description,
+        mean=smap.mean,
+        std=smap.std,
+        settings={"window": list(smap.window), "stride": list(smap.stride)},
+    )
+    ig = attribute(bundle, x, top, method="integrated_gradients", steps=steps, device=ctx.device)
+    cam = attribute(bundle, x, top, method="gradcam", device=ctx.device)
+    results = [occ, ig, cam]
+    deletion = {
+        a.method: faithfulness(
+            bundle,
+            x.unsqueeze(0),
+            a,
+            metric="deletion",
+            steps=ctx.cfg.faith_steps,
+            device=ctx.device,
+        )
+        for a in results
+    }
+    check = sanity(
+        bundle,
+        x.unsqueeze(0),
+        top,
+        methods=ctx.cfg.sanity_methods,
+        steps=ctx.cfg.sanity_steps,
+        device=ctx.device,
+    )
+    last = {m: float(check.correlation[m][-1].mean()) for m in check.methods}
+    last_abs = {m: float(check.abs_correlation[m][-1].mean()) for m in check.methods}
+    rows = [
+        [
+            a.method,
+            _r(float(deletion[a.method].auc[0])),
+            _r(float(deletion[a.method].random_auc[0])),
+            _r(float(a.delta[0])) if a.delta is not None else "",
+        ]
+        for a in results
+    ]
+    return {
+        "figures": [
+            ctx.save(
+                attribution_figure(results, faithfulness=deletion, scale="method"),
+                "spatial_attribution.png",
+            ),
+            ctx.save(sanity_figure(check), "spatial_sanity.png"),
+        ],
+        "tables": [
+            {
+                "caption": "Three maps of the top class: deletion AUC (lower is more faithful) "
+                "against a random order",
+                "columns": ["method", "deletion AUC", "random order AUC", "IG delta"],
+                "rows": rows,
+            },
+            {
+                "caption": "Sanity check: rank correlation with the original map once every "
+                f"layer is re-initialised ({len(check.units)} units, top down)",
+                "columns": ["method", "Spearman (signed)", "Spearman (|map|)"],
+                "rows": [[m, _r(last[m]), _r(last_abs[m])] for m in check.methods],
+            },
+        ],
+        "numbers": {
+            "integrated gradients steps": steps,
+            "integrated gradients delta": _r(float(ig.delta[0])) if ig.delta is not None else None,
+            "grad-cam layer": cam.layer,
+            "deletion AUC": {m: _r(float(f.auc[0])) for m, f in deletion.items()},
+            "deletion AUC, random order": {
+                m: _r(float(f.random_auc[0])) for m, f in deletion.items()
+            },
+            "sanity: Spearman after all layers randomized": {m: _r(v) for m, v in last.items()},
+        },
     }
 
 
@@ -781,7 +897,15 @@ _DEPENDS: dict[str, tuple[str, ...]] = {
     "training": ("data", "train_per_class", "epochs", "seed"),
     "conv1": ("data", "train_per_class", "epochs", "seed"),
     "depth": ("data", "train_per_class", "epochs", "seed", "images"),
-    "spatial": ("model", "images", "box"),
+    "spatial": (
+        "model",
+        "images",
+        "box",
+        "attr_steps",
+        "faith_steps",
+        "sanity_methods",
+        "sanity_steps",
+    ),
     "pretrained": ("model", "images"),
     "featurevis": ("vis_model", "vis_steps", "vis_size", "vis_channels", "seed"),
     "microscope": (
