@@ -27,6 +27,7 @@ __all__ = [
     "LayerRef",
     "evaluating",
     "find_layers",
+    "frozen",
     "list_layers",
     "parse_layer",
     "trace_calls",
@@ -156,6 +157,25 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
                 m.training = False
         for m in was_training:
             m.training = True
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter gradients inside (none computed, none accumulated); every
+    ``requires_grad`` flag restored after, also on error.
+
+    Example:
+        >>> with frozen(model):
+        ...     (g,) = torch.autograd.grad(model(x).sum(), x)  # no weight gradients
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _shape_of(out: Any) -> tuple[int, ...] | None:

@@ -40,7 +40,7 @@ from convlens.models.forms import (
     require_hooks,
     select_output,
 )
-from convlens.models.layers import LayerRef, evaluating, find_layers, parse_layer, unwrap
+from convlens.models.layers import LayerRef, evaluating, find_layers, frozen, parse_layer, unwrap
 
 __all__ = [
     "AttrTarget",
@@ -164,20 +164,6 @@ def parse_targets(target: TargetSpec, n: int) -> list[AttrTarget] | Callable[...
 
 
 # ------------------------------------------------------------------------ hygiene
-
-
-@contextlib.contextmanager
-def frozen(net: nn.Module) -> Iterator[None]:
-    """No parameter gradients inside (none computed, none accumulated); every
-    ``requires_grad`` flag restored after, also on error."""
-    flags = [(p, p.requires_grad) for p in net.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 @contextlib.contextmanager

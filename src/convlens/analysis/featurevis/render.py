@@ -47,6 +47,7 @@ from convlens.models.forms import (
     select_output,
 )
 from convlens.models.layers import LayerRef, evaluating, find_layers
+from convlens.models.layers import frozen as _frozen
 
 __all__ = ["RenderResult", "default_objective", "featurevis_layer", "render", "score"]
 
@@ -352,19 +353,6 @@ class _Forward:
             return got[k].float()  # objectives compute in float32 (a no-op for float32)
 
         return acts
-
-
-@contextlib.contextmanager
-def _frozen(net: nn.Module) -> Iterator[None]:
-    """No parameter gradients inside; every ``requires_grad`` flag restored after."""
-    flags = [(p, p.requires_grad) for p in net.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 class _Pipeline:
