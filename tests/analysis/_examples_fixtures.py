@@ -50,12 +50,26 @@ def tiny_data(n: int = 37, size: int = 12, seed: int = 1, classes: int = 3) -> l
 
 
 def brute_force(
-    model: nn.Module, data: list[Any], layer: str, k: int, reduce: str = "max"
+    model: nn.Module,
+    data: list[Any],
+    layer: str,
+    k: int,
+    reduce: str = "max",
+    batch_size: int = 8,
 ) -> dict[str, Any]:
-    """Capture every map in one batch and compute what dataset_examples must return."""
+    """Capture every map and compute what dataset_examples must return. The maps are taken
+    in batches of ``batch_size`` rows, a short last one padded with copies, as the pass
+    runs them: a BLAS may round a row differently in batches of other sizes."""
     x = torch.stack([d[0] for d in data])
     labels = [d[1] for d in data]
-    out = capture(model, x, [layer])[layer]
+    parts = []
+    for start in range(0, len(x), batch_size):
+        xb = x[start : start + batch_size]
+        short = batch_size - len(xb)
+        if short:
+            xb = torch.cat([xb, xb[-1:].expand(short, *xb.shape[1:])])
+        parts.append(capture(model, xb, [layer])[layer][: batch_size - short])
+    out = torch.cat(parts)
     flat = out.flatten(2).numpy() if out.ndim == 4 else out.numpy()[:, :, None]
     w = out.shape[-1] if out.ndim == 4 else 1
     n, c, _ = flat.shape
