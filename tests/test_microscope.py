@@ -75,7 +75,7 @@ def test_the_site_has_every_unit_with_renders_examples_and_statistics(site: Path
             assert sum(u["histogram"]["counts"]) == u["stats"]["count"] == 21
             assert (site / u["page"]).is_file()
     assert (site / "index.html").is_file()
-    assert set(doc["stages"]) >= {"dataset pass", "renders", "examples", "pages"}
+    assert set(doc["stages"]) >= {"dataset pass", "renders", "examples", "attributions", "pages"}
 
 
 def test_render_values_are_what_the_images_score(site: Path) -> None:
@@ -154,11 +154,14 @@ def test_a_rerun_renders_nothing_and_force_renders_again(tmp_path: Path) -> None
         "renders_reused": 6,
         "examples_written": 0,
         "examples_reused": 6,
+        "attributions_written": 0,
+        "attributions_reused": 6,
     }
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
     _run(out, force=True)
     work = json.loads((out / "microscope.json").read_text())["work"]
     assert work["dataset_pass"] == 1 and work["rendered"] == 6 and work["examples_written"] == 6
+    assert work["attributions_written"] == 6 and work["attributions_reused"] == 0
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     assert all(after[p] > before[p] for p in before)
 
@@ -275,6 +278,7 @@ def test_two_ranks_write_the_same_site_as_one(tmp_path: Path) -> None:
     one = _run(tmp_path / "one", channels="0-3")
     assert json.loads((dist_out / "microscope.json").read_text())["settings"]["world_size"] == 2
     assert _files(dist_out) == _files(one)
+    assert len([k for k in _files(one) if "/a-" in k]) == 2 * 4 * 3  # attributions too
     pages = {k: v for k, v in _files(one, "*.html").items() if k != "index.html"}
     assert pages == {k: v for k, v in _files(dist_out, "*.html").items() if k != "index.html"}
     assert _doc(dist_out) == _doc(one)

@@ -16,9 +16,18 @@
    sees a different shape when fewer channels, or more ranks, share the work.
 3. **The examples**: each channel's top-k examples cut out at their receptive field with
    the activation overlaid, the whole top images small, and the bottom-k.
+4. **The attributions** (``attributions=True``): for the top examples, the channel's value
+   at the example's arg-max position attributed to the input pixels (input x gradient),
+   cut at the receptive-field crop and drawn as a signed overlay on one symmetric scale per
+   channel. Its budget is a quarter of the dataset pass's time: one (image, channel) pair
+   costs about two images of the pass, so each channel gets as many of its top examples as
+   0.125 pairs per dataset image afford, at least 3 (all 9 for a large dataset; integrated
+   gradients' steps each cost a pair again). Many pairs share one forward, stopped at the
+   layer, and one backward; only the winners' images are read again.
 
 Every channel's images are written atomically as their own files under a folder named by
-a hash of the settings that decide them (``<layer>/r-<key>/``, ``<layer>/e-<key>/``); a
+a hash of the settings that decide them (``<layer>/r-<key>/``, ``<layer>/e-<key>/``,
+``<layer>/a-<key>/``); a
 channel is finished when its ``NNNN.json`` is there, and a rerun skips finished channels
 (after Ctrl-C, a crash or a restarted torchrun job). ``force=True`` recomputes everything.
 
@@ -43,6 +52,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +60,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,6 +82,29 @@ _DIVERSITY_WEIGHT = 1e2
 _THUMB = 96
 #: strongest input channels listed for a connected convolution
 _CONNECTED = 6
+#: The attribution of a unit's top examples: input x gradient, one forward and backward per
+#: (image, unit) pair. Integrated gradients' steps cost one pair each: at 2 steps the budget
+#: (the stage at most a quarter of the dataset pass) affords half the examples
+#: (benchmarks/README.md, "microscope.py").
+_ATTR_METHOD = "input_x_gradient"
+_ATTR_STEPS = 1
+#: what the attribution files' key covers besides the settings (bump to invalidate them)
+_ATTR_VERSION = 1
+#: the colour scale of a unit's overlays: this percentile of |map| over its crops
+_ATTR_PERCENTILE = 99.5
+#: winners' images kept while a layer's pairs are attributed (an image is often a winner of
+#: several channels)
+_ATTR_CACHE = 128
+#: (image, unit) pairs per dataset image the attribution stage can afford: one pair (a forward
+#: to the layer and a backward) costs about 2 images of the dataset pass (efficientnet_lite0
+#: blocks.4 on Imagenette val, CPU time: 101 ms against 52 ms), and the stage's budget is a
+#: quarter of the pass (benchmarks/README.md): 0.25 / 2
+_ATTR_PAIRS_PER_IMAGE = 0.125
+#: the fewest top examples attributed per unit, whatever the budget
+_ATTR_MIN_TOP = 3
+#: the most rows per attribution batch on a CPU (4x on a GPU): 128 rows of efficientnet_lite0
+#: to blocks.4 take 0.75x the time per row of 32
+_ATTR_MAX_ROWS = 128
 
 
 # ------------------------------------------------------------------------ keys and files
@@ -545,6 +579,441 @@ def _example_files(folder: Path, channel: int, k_top: int, k_bot: int) -> list[P
     return files
 
 
+# ------------------------------------------------------------------------ the attributions
+
+
+@dataclass(frozen=True)
+class _AttrPlan:
+    """How a unit's top examples are attributed to their pixels: ``method``
+    (``"input_x_gradient"`` or ``"integrated_gradients"``, ``steps`` Gauss-Legendre points
+    from the zero baseline), ``top`` examples per unit and ``rows`` inputs per forward and
+    backward (``None``: :func:`_attr_rows`; every batch
+    padded to exactly that many, so no kernel sees another shape when fewer pairs, or more
+    ranks, share the work)."""
+
+    method: str = "input_x_gradient"
+    steps: int = 1
+    rows: int | None = None
+    top: int | None = None  # the top examples attributed per unit (None: all)
+
+    def examples(self, result: Any, layer: str, channel: int) -> list[Any]:
+        """The examples of ``channel`` this plan attributes: its first ``top``."""
+        return list(result.top(layer, channel))[: self.top]
+
+    @property
+    def per_pair(self) -> int:
+        """Rows one (image, unit) pair takes."""
+        return self.steps if self.method == "integrated_gradients" else 1
+
+    def pairs(self, rows: int) -> int:
+        """(image, unit) pairs per forward and backward of ``rows`` rows."""
+        return max(1, rows // self.per_pair)
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the maps (the files' key covers it)."""
+        return {
+            "method": self.method,
+            "steps": self.steps if self.method == "integrated_gradients" else None,
+            "baseline": "zero" if self.method == "integrated_gradients" else None,
+            "top_n": self.top,
+            "colour_scale": f"the {_ATTR_PERCENTILE}th percentile of |map| over the unit's crops",
+        }
+
+    def about(self) -> str:
+        """One sentence for the page: what the maps are."""
+        what = (
+            f"integrated gradients ({self.steps} Gauss-Legendre steps from a zero baseline)"
+            if self.method == "integrated_gradients"
+            else "input × gradient"
+        )
+        which = "each top example" if self.top is None else f"each of the top {self.top} examples"
+        return (
+            f"{what} of the unit's value at the example's arg-max position, with respect to "
+            f"the input pixels (summed over colour channels), for {which}, shown over its "
+            "receptive-field crop: red raises the unit, blue lowers it"
+        )
+
+
+def _attr_plan(dev: torch.device, images: int = 0, units: int = 1, k: int = 0) -> _AttrPlan:
+    """The microscope's attribution: input x gradient (the cheapest gradient method) of the
+    top :func:`_attr_top` examples of each unit."""
+    return _AttrPlan(_ATTR_METHOD, _ATTR_STEPS, top=_attr_top(images, units, k))
+
+
+def _attr_top(images: int, units: int, k: int) -> int:
+    """How many top examples of each unit are attributed: as many as the budget allows (the
+    stage at most a quarter of the dataset pass, at :data:`_ATTR_PAIRS_PER_IMAGE` (image,
+    unit) pairs per image of the dataset), at least :data:`_ATTR_MIN_TOP`, at most ``k``.
+    It depends on the counts only, so every rank and every rerun attributes the same."""
+    afford = int(_ATTR_PAIRS_PER_IMAGE * images // max(1, units))
+    return max(1, min(k, max(_ATTR_MIN_TOP, afford)))
+
+
+def _total_memory(dev: torch.device) -> int:
+    """The device's total memory in bytes (a container's cgroup limit when lower): the
+    same for every rank on a machine, so every rank sizes its batches alike."""
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev).total_memory)
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 8 * 2**30
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < total:
+            total = int(raw)
+        break
+    return int(total)
+
+
+def _attr_rows(run: nn.Module, scorer: Any, x1: torch.Tensor, dev: torch.device) -> int:
+    """Rows per forward and backward: the bytes one row holds (every distinct module output
+    up to the layer, kept for the backward, measured on one image) into a third of the
+    device's memory, at most :data:`_ATTR_MAX_ROWS` (efficientnet_lite0 to blocks.4 at 224
+    px: 128 rows peak at 7.3 GB on a CPU)."""
+    outs: list[torch.Tensor] = []  # kept alive, so no two outputs share an address
+
+    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            outs.append(out)
+
+    leaves = [m for m in run.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            scorer(x1, torch.zeros(1, dtype=torch.long, device=x1.device))
+    finally:
+        for h in handles:
+            h.remove()
+    sizes = {o.data_ptr(): o.numel() * o.element_size() for o in outs}  # in place: once
+    per_row = sum(sizes.values()) + 2 * x1.numel() * 4 + 1
+    cap = _ATTR_MAX_ROWS if dev.type == "cpu" else 4 * _ATTR_MAX_ROWS
+    return max(1, min(cap, _total_memory(dev) // 3 // per_row))
+
+
+# RdBu_r: blue (lowers the unit) through near-white to red (raises it), 11 stops
+_RDBU_R = (
+    np.array(
+        [
+            [5, 48, 97],
+            [33, 102, 172],
+            [67, 147, 195],
+            [146, 197, 222],
+            [209, 229, 240],
+            [247, 247, 247],
+            [253, 219, 199],
+            [244, 165, 130],
+            [214, 96, 77],
+            [178, 24, 43],
+            [103, 0, 31],
+        ],
+        dtype=np.float64,
+    )
+    / 255
+)
+
+# The overlays and their numbers are per-pixel work on one crop at a time: numpy (one
+# thread), where torch would split each small op over its threads and wait for them.
+
+
+def _diverging(v: np.ndarray) -> np.ndarray:
+    """``v`` ``[h, w]`` in [-1, 1] (clamped) to RdBu_r colours ``[h, w, 3]``."""
+    n = _RDBU_R.shape[0] - 1
+    p = (np.clip(v, -1, 1) + 1) * (n / 2)
+    lo = np.clip(np.floor(p), 0, n - 1).astype(np.int64)
+    t = (p - lo)[..., None]
+    return _RDBU_R[lo] * (1 - t) + _RDBU_R[lo + 1] * t
+
+
+def _signed_overlay(image: torch.Tensor, amap: torch.Tensor, scale: float) -> np.ndarray:
+    """The signed map ``[h, w]`` over a faded grey copy of the image ``[C, h, w]`` in [0, 1]:
+    its RdBu_r colour, opaque in proportion to ``|map| / scale`` (the image itself where
+    the map is 0, full colour at ``±scale`` and beyond); ``[h, w, 3]`` in [0, 1]."""
+    x = image.detach().float().cpu().numpy().astype(np.float64)
+    grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2] if x.shape[0] >= 3 else x[0]
+    bg = (0.25 + 0.5 * np.clip(grey, 0, 1))[..., None]
+    v = amap.detach().float().cpu().numpy().astype(np.float64) / scale
+    alpha = np.clip(np.abs(v), 0, 1)[..., None]
+    return bg * (1 - alpha) + _diverging(v) * alpha
+
+
+def _save_rgb(rgb: np.ndarray, path: Path) -> None:
+    """``[h, w, 3]`` in [0, 1] as a PNG, atomically."""
+    from PIL import Image
+
+    arr = np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(arr, "RGB").save(fh, format="PNG", compress_level=1)
+
+
+def _attr_scale(maps: Sequence[np.ndarray]) -> float:
+    """One symmetric colour scale for a unit's maps: the 99.5th percentile of ``|map|``
+    over all of them (the largest ``|map|`` if that is 0; 1.0 when every value is 0)."""
+    vals = np.concatenate([np.abs(np.asarray(m, dtype=np.float64)).ravel() for m in maps])
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return 1.0
+    v = float(np.percentile(vals, _ATTR_PERCENTILE))
+    if not v > 0:
+        v = float(vals.max())
+    return v if v > 0 else 1.0
+
+
+def _attr_numbers(amap: np.ndarray, box: tuple[int, int, int, int]) -> dict[str, Any]:
+    """A map's numbers, over the crop: its sum, positive and negative mass, and the share of
+    the image's positive mass that lies inside the crop (None when it has none)."""
+    t, b, left, r = box
+    m = np.asarray(amap, dtype=np.float64)
+    crop = m[t:b, left:r]
+    pos_all = float(np.clip(m, 0, None).sum())
+    pos = float(np.clip(crop, 0, None).sum())
+    return {
+        "sum": float(crop.sum()),
+        "positive": pos,
+        "negative": float(np.clip(crop, None, 0).sum()),
+        "inside": pos / pos_all if pos_all > 0 else None,
+    }
+
+
+def _attr_files(folder: Path, channel: int, k_top: int) -> list[Path]:
+    return [folder / f"{channel:04d}-top-{r}.png" for r in range(k_top)]
+
+
+def _attribution_units(
+    result: Any,
+    source: Any,
+    net: nn.Module,
+    units: list[_Unit],
+    folders: dict[str, Path],
+    plan: _AttrPlan,
+    dev: torch.device,
+    force: bool,
+    progress: bool,
+) -> tuple[int, int]:
+    """Attribute each unit's top examples to their pixels (``plan``), many (image, unit)
+    pairs per forward and backward, the forward stopped at the layer; each unit's overlays
+    and numbers written as soon as its examples are done. Returns ``(written, reused)``."""
+    from tqdm.auto import tqdm
+
+    from convlens.analysis._sources import fix_size
+    from convlens.analysis.attribution._core import clean
+    from convlens.models.layers import unwrap
+
+    todo: dict[str, list[_Unit]] = {}
+    reused = 0
+    for u in units:
+        folder = folders[u.layer]
+        files = _attr_files(folder, u.channel, len(plan.examples(result, u.layer, u.channel)))
+        if not force and _finished(folder / f"{u.channel:04d}.json", files) is not None:
+            reused += 1
+            continue
+        todo.setdefault(u.layer, []).append(u)
+    total = sum(len(v) for v in todo.values())
+    if not total:
+        return 0, reused
+    fix_size(source)
+    base = unwrap(net)
+    bar = tqdm(total=total, desc="attributions", unit="channel", disable=not progress)
+    written = 0
+    try:
+        with clean(base):
+            for layer, todo_units in todo.items():
+                folders[layer].mkdir(parents=True, exist_ok=True)
+                written += _attribute_layer(
+                    base, result, source, layer, todo_units, folders[layer], plan, dev, bar
+                )
+    finally:
+        bar.close()
+    return written, reused
+
+
+def _attribute_layer(
+    net: nn.Module,
+    result: Any,
+    source: Any,
+    layer: str,
+    units: list[_Unit],
+    folder: Path,
+    plan: _AttrPlan,
+    dev: torch.device,
+    bar: Any,
+) -> int:
+    """The attributions of ``units`` of one layer (see :func:`_attribution_units`): their
+    (image, unit) pairs in unit order, ``plan.pairs(rows)`` per forward and backward. A
+    reader thread loads the next batch's images while this one runs, and a writer thread
+    writes each finished unit, in order (after a failed write the later ones are skipped
+    and the error is raised here)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    le = result.layers[layer]
+    spatial = tuple(le.shape[1:]) != (1, 1)  # else one value per image: "layer:channel"
+    pairs = [
+        (u, r, e) for u in units for r, e in enumerate(plan.examples(result, layer, u.channel))
+    ]
+    done: dict[int, list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, Any]]] = {
+        u.channel: [] for u in units
+    }
+    written = 0
+    writes: list[Future[None]] = []
+    failed = threading.Event()
+
+    def write(channel: int, items: list[Any]) -> None:
+        if failed.is_set():
+            return
+        try:
+            _write_attributions(folder, layer, channel, items, plan)
+        except BaseException:
+            failed.set()
+            raise
+
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="convlens-attr-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="convlens-attr-write") as writer,
+    ):
+
+        def finish(u: _Unit) -> None:
+            nonlocal written
+            for f in [f for f in writes if f.done()]:
+                f.result()  # a failed write stops the stage
+                writes.remove(f)
+            writes.append(writer.submit(write, u.channel, done.pop(u.channel)))
+            written += 1
+            bar.update(1)
+
+        for u in units:  # a unit without top examples is finished as it is
+            if not plan.examples(result, layer, u.channel):
+                finish(u)
+        if pairs:
+            _attribute_pairs(
+                net, result, source, layer, spatial, pairs, plan, dev, reader, done, finish
+            )
+    for f in writes:
+        f.result()
+    return written
+
+
+def _attribute_pairs(
+    net: nn.Module,
+    result: Any,
+    source: Any,
+    layer: str,
+    spatial: bool,
+    pairs: list[tuple[_Unit, int, Any]],
+    plan: _AttrPlan,
+    dev: torch.device,
+    reader: Any,
+    done: dict[int, list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, Any]]],
+    finish: Callable[[_Unit], None],
+) -> None:
+    """Attribute ``pairs`` batch by batch into ``done[channel]``; ``finish(unit)`` when a
+    unit's last example is done."""
+    from collections import OrderedDict
+    from concurrent.futures import Future
+
+    from convlens.analysis.attribution._core import Scorer, fast_model, parse_targets
+    from convlens.analysis.attribution.gradients import ig_points, path_rows
+
+    def spec(c: int, e: Any) -> str:
+        return f"{layer}:{c}@{e.y},{e.x}" if spatial else f"{layer}:{c}"
+
+    def read(indices: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for i in indices:
+            x = source.load(i)[0]
+            out[i] = (x, source.display(x))
+        return out
+
+    # the model to run and the rows per batch, from the first pair
+    u0, _, e0 = pairs[0]
+    first = read([e0.index])[e0.index][0][None].to(dev, torch.float32)
+    probe = parse_targets([spec(u0.channel, e0)], 1)
+    keep = {str(probe[0].layer)}  # type: ignore[index]
+    rows1 = torch.zeros(1, dtype=torch.long, device=dev)
+
+    def check(m: nn.Module) -> torch.Tensor:
+        return Scorer(m, probe)(first, rows1).detach()
+
+    run, _ = fast_model(net, first, keep, check)
+    rows = plan.rows or _attr_rows(run, Scorer(run, probe), first, dev)
+    P = plan.pairs(rows)
+    chunks = [pairs[s : s + P] for s in range(0, len(pairs), P)]
+    cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+    keep_images = max(_ATTR_CACHE, 2 * P)
+
+    def fetch(k: int) -> Future[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        wanted = list(dict.fromkeys(e.index for _, _, e in chunks[k] if e.index not in cache))
+        return reader.submit(read, wanted)
+
+    all_rows = torch.arange(P, device=dev)
+    pending = fetch(0)
+    for k, part in enumerate(chunks):
+        cache.update(pending.result())
+        for _, _, e in part:  # this batch's images are the newest: never dropped here
+            cache.move_to_end(e.index)
+        while len(cache) > keep_images:
+            cache.popitem(last=False)
+        if k + 1 < len(chunks):
+            pending = fetch(k + 1)
+        padded = part + [part[-1]] * (P - len(part))  # a fixed shape
+        x = torch.stack([cache[e.index][0] for _, _, e in padded]).to(dev, torch.float32)
+        scorer = Scorer(run, parse_targets([spec(u.channel, e) for u, _, e in padded], P))
+        fb: torch.Tensor | None = None
+        if plan.method == "integrated_gradients":
+            alphas, weights = ig_points(plan.steps)
+            zero = torch.zeros_like(x)
+            n_rows, make = path_rows(
+                x, zero, alphas, weights, multiply="path", samples=0, sigma=0.0, seed=0
+            )
+            xb, ri, weight = make(0, n_rows)
+            xb = xb.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(scorer(xb, ri).sum(), [xb])
+            pixels = torch.zeros_like(x).index_add_(0, ri, grad.float() * weight.float())
+            with torch.no_grad():
+                fb = scorer(zero, all_rows).float().cpu()
+        else:  # input x gradient: the image itself, one row per pair
+            xb = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(scorer(xb, all_rows).sum(), [xb])
+            pixels = grad.float() * x
+        maps = pixels.sum(dim=1).cpu()
+        H, W = int(x.shape[-2]), int(x.shape[-1])
+        for j, (u, _, e) in enumerate(part):
+            box = result.receptive_field(layer, e.y, e.x) if spatial else (0, H, 0, W)
+            extra: dict[str, Any] = {"delta": None}
+            if fb is not None:
+                extra["delta"] = float(maps[j].double().sum()) - (e.score - float(fb[j]))
+            t, b, left, r = box
+            shown = cache[e.index][1][:, t:b, left:r]
+            done[u.channel].append((extra, maps[j], shown, box))
+            if len(done[u.channel]) == len(plan.examples(result, layer, u.channel)):
+                finish(u)
+
+
+def _write_attributions(
+    folder: Path,
+    layer: str,
+    channel: int,
+    items: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, tuple[int, int, int, int]]],
+    plan: _AttrPlan,
+) -> None:
+    """A unit's overlays (one symmetric scale) and ``NNNN.json``, which comes last."""
+    maps = [amap.numpy() for _, amap, _, _ in items]
+    crops = [m[t:b, left:r] for m, (_, _, _, (t, b, left, r)) in zip(maps, items)]
+    scale = _attr_scale(crops) if crops else 1.0
+    top = []
+    for rank, ((extra, _, shown, box), amap, crop) in enumerate(zip(items, maps, crops)):
+        path = folder / f"{channel:04d}-top-{rank}.png"
+        _save_rgb(_signed_overlay(shown, torch.from_numpy(crop), scale), path)
+        entry = {"rank": rank, "image": path.name, "box": list(box), **_attr_numbers(amap, box)}
+        if extra.get("delta") is not None:
+            entry["delta"] = extra["delta"]
+        top.append(entry)
+    record = {"channel": channel, "layer": layer, **plan.settings(), "scale": scale, "top": top}
+    write_json(folder / f"{channel:04d}.json", record)  # last: the channel is finished
+
+
 # ------------------------------------------------------------------------ connections
 
 
@@ -731,6 +1200,7 @@ def microscope(
     progress: bool = True,
     title: str | None = None,
     settings: dict[str, Any] | None = None,
+    attributions: bool = True,
 ) -> Path:
     """Build a browsable static site of every channel of ``layers``: feature
     visualizations beside dataset examples, statistics and connections; returns ``out``.
@@ -744,6 +1214,10 @@ def microscope(
     ``diversity_weight`` (Lucid's 1e2 against the channel's mean); ``batch`` channels rendered together (``"auto"``: 8
     on a CPU, 32 on a GPU; it changes the speed, not the images). ``force`` recomputes
     what earlier runs left in ``out``. ``settings``: extra entries for the index page.
+    ``attributions``: attribute the top examples to their pixels (input x gradient of the
+    unit's value at the example's position, over the receptive-field crop: "what in this
+    crop drives the unit"; as many examples per channel as a quarter of the dataset pass's
+    time affords, at least 3); ``False`` skips it.
 
     Example:
         >>> site = microscope(convlens.load_model("efficientnet_lite0"), "photos/",
@@ -774,6 +1248,8 @@ def microscope(
             raise ValueError(f"{name} must be an integer of at least {lo}, got {v!r}")
     if diversity == 1:
         raise ValueError("diversity is 0 (no diversity set) or at least 2 images, got 1")
+    if not isinstance(attributions, bool):
+        raise TypeError(f"attributions is True or False, got {attributions!r}")
     if not (isinstance(diversity_weight, (int, float)) and math.isfinite(diversity_weight)):
         raise ValueError(f"diversity_weight must be a finite number, got {diversity_weight!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
@@ -888,6 +1364,28 @@ def microscope(
     )
     counts["examples_written"], counts["examples_reused"] = written, ex_reused
     stages["examples"] = time.perf_counter() - t0
+
+    # 4. the attributions of the top examples, split the same way
+    attr_plan = _attr_plan(dev, result.length, len(units), result.k) if attributions else None
+    attr_dirs: dict[str, Path] = {}
+    counts["attributions_written"] = counts["attributions_reused"] = 0
+    if attr_plan is not None:
+        t0 = time.perf_counter()
+        a_key = _key({"examples": ex_key, **attr_plan.settings(), "v": _ATTR_VERSION})
+        attr_dirs = {key: out_dir / dirs[key] / f"a-{a_key}" for key in keys}
+        written, a_reused = _attribution_units(
+            result,
+            make_source(data, prep, split=split),
+            net,
+            mine,
+            attr_dirs,
+            attr_plan,
+            dev,
+            force,
+            progress and ctx.is_main,
+        )
+        counts["attributions_written"], counts["attributions_reused"] = written, a_reused
+        stages["attributions"] = time.perf_counter() - t0
     if ctx.world > 1:
         gathered = distributed.all_gather_objects(counts)
         counts = {key: sum(int(g[key]) for g in gathered) for key in counts}
@@ -905,6 +1403,8 @@ def microscope(
             dirs,
             render_dirs,
             example_dirs,
+            attr_dirs,
+            attr_plan,
             conns,
             plan,
             out_dir,
@@ -924,6 +1424,8 @@ def microscope(
                 "dtype": plan.settings["dtype"],
                 "transforms": plan.settings["transforms"],
                 "upsample_to": plan.settings["upsample_to"],
+                "attribution": attr_plan.settings()["method"] if attr_plan else "off",
+                "attribution_top": attr_plan.top if attr_plan else None,
                 "channels": {key: _ranges(result.channels(key)) for key in keys},
                 **(settings or {}),
             },
@@ -948,6 +1450,8 @@ def _document(
     dirs: dict[str, str],
     render_dirs: dict[str, Path],
     example_dirs: dict[str, Path],
+    attr_dirs: dict[str, Path],
+    attr_plan: _AttrPlan | None,
     conns: dict[str, tuple[str | None, str | None, torch.Tensor | None]],
     plan: _RenderPlan,
     out_dir: Path,
@@ -1027,6 +1531,9 @@ def _document(
                         }
                     )
                 examples[which] = rows
+            attribution, attribution_why = _attribution_doc(
+                attr_dirs.get(key), attr_plan, c, examples["top"], rel
+            )
             top_classes = None
             if classes:
                 tally: dict[str, int] = {}
@@ -1077,6 +1584,8 @@ def _document(
                     "renders": renders,
                     "top": examples["top"],
                     "bottom": examples["bottom"],
+                    "attribution": attribution,
+                    "attribution_why": attribution_why,
                     "top_classes": top_classes,
                     "connected": connected,
                     "connected_why": connected_why,
@@ -1133,6 +1642,48 @@ def _document(
 #: pages are the same for any world size unless a value lies within that of a rounding
 #: boundary. Scores, min, max, counts and the histogram are exact either way.
 _MOMENT_DIGITS = 10
+
+
+def _attribution_doc(
+    folder: Path | None,
+    plan: _AttrPlan | None,
+    channel: int,
+    top: list[dict[str, Any]],
+    rel: Callable[[Path], str],
+) -> tuple[dict[str, Any] | None, str | None]:
+    """A unit's ``attribution`` entry of microscope.json and, without one, why not."""
+    if plan is None or folder is None:
+        return None, "attributions were not computed in this run (attributions=False)"
+    mark = _read(folder / f"{channel:04d}.json")
+    if mark is None:
+        return None, "this channel's attributions are missing"
+    rows = []
+    for rank, a in enumerate(mark.get("top", [])):
+        ex = top[rank] if rank < len(top) else {}
+        rows.append(
+            {
+                "rank": rank,
+                "index": ex.get("index"),
+                "image": rel(folder / a["image"]),
+                "box": a["box"],
+                "sum": a["sum"],
+                "positive": a["positive"],
+                "negative": a["negative"],
+                "inside": a["inside"],
+                **({"delta": a["delta"]} if "delta" in a else {}),
+            }
+        )
+    doc = {
+        "method": mark.get("method"),
+        "steps": mark.get("steps"),
+        "baseline": mark.get("baseline"),
+        "target": "the unit's value at the example's arg-max position (its y, x)",
+        "about": plan.about(),
+        "scale": mark.get("scale"),
+        "colour_scale": mark.get("colour_scale"),
+        "top": rows,
+    }
+    return doc, None
 
 
 def _rounded(v: float | None) -> float | None:

@@ -1,9 +1,9 @@
 """write_site: the microscope's static site from a synthetic microscope.json (no model).
 
-Two layers of three channels, small PNGs at the paths the document names; one unit without
-renders, one image that is null, a layer named like a script tag, a class named like a tag
-and a file name with both quotes. The checks read the pages with html.parser, the browser
-test opens them in headless Chromium.
+Two layers of three channels, small PNGs at the paths the document names; attributions on
+four units, one unit without renders, one image that is null, a layer named like a script
+tag, a class named like a tag and a file name with both quotes. The checks read the pages
+with html.parser, the browser test opens them in headless Chromium.
 """
 
 from __future__ import annotations
@@ -111,6 +111,32 @@ def _unit(folder: str, channel: int, mean: float, selectivity: float | None) -> 
     }
 
 
+def _attribution(folder: str, channel: int, n: int) -> dict[str, Any]:
+    """A unit's attributions of its top ``n`` examples, as the engine writes them."""
+    return {
+        "method": "input_x_gradient",
+        "steps": None,
+        "baseline": None,
+        "target": "the unit's value at the example's arg-max position (its y, x)",
+        "about": f"input × gradient of {EVIL}",
+        "scale": 0.1 + 0.2 + channel,
+        "colour_scale": "the 99.5th percentile of |map| over the unit's crops",
+        "top": [
+            {
+                "rank": r,
+                "index": 10 * channel + r,
+                "image": f"{folder}/a-ef56/{channel:04d}-top-{r}.png",
+                "box": [0, 5 + r, 1, 6 + r],
+                "sum": 1 / 3 - r,
+                "positive": 2.5,
+                "negative": -2 / 3 - r,
+                "inside": None if r == 2 else 1 - r / 7,
+            }
+            for r in range(n)
+        ],
+    }
+
+
 def synthetic_doc() -> dict[str, Any]:
     """Two layers of three channels, units listed out of channel order."""
     first = FIRST_DIR
@@ -125,6 +151,10 @@ def synthetic_doc() -> dict[str, Any]:
         _unit(EVIL_DIR, 1, 1.75, 0.2),
         _unit(EVIL_DIR, 2, 0.0, 0.9),
     ]
+    for u in conv1:  # attributions under the folder that needs percent-encoding
+        u["attribution"] = _attribution(first, u["channel"], 3)
+    evil[2]["attribution"] = _attribution(EVIL_DIR, 2, 3)
+    evil[1]["attribution_why"] = "attributions were not computed in this run"
     evil[0]["renders"] = None  # renders absent: the page says so
     evil[1]["top"][1]["crop"] = None  # one image not computed
     evil[1]["top"][1]["why"] = "the crop fell outside the image"
@@ -196,6 +226,7 @@ def _image_paths(doc: dict[str, Any]) -> list[str]:
                 paths += [d["image"] for d in r["diversity"]]
             for e in u["top"] + u["bottom"]:
                 paths += [e["crop"], e["full"]]
+            paths += [a["image"] for a in (u.get("attribution") or {}).get("top", [])]
     return [p for p in paths if p is not None]
 
 
@@ -203,7 +234,8 @@ def write_images(doc: dict[str, Any], out: Path) -> list[Path]:
     """A small PNG at every image path the document names (renders 8x8, crops 6x6, fulls 16x12)."""
     files = []
     for i, rel in enumerate(_image_paths(doc)):
-        size = (16, 12) if rel.endswith("-full.png") else (6, 6) if "/e-" in rel else (8, 8)
+        crop = "/e-" in rel or "/a-" in rel
+        size = (16, 12) if rel.endswith("-full.png") else (6, 6) if crop else (8, 8)
         _png(out / rel, size, (37 * i) % 256)
         files.append(out / rel)
     return files
@@ -271,6 +303,11 @@ def expected_values(unit: dict[str, Any]) -> dict[str, Any]:
             want[f"{side}.{i}.score"] = e["score"]
     for i, c in enumerate(unit["connected"] or []):
         want[f"connected.{i}.strength"] = c["strength"]
+    if unit.get("attribution"):
+        want["attribution.scale"] = unit["attribution"]["scale"]
+        for i, a in enumerate(unit["attribution"]["top"]):
+            want[f"attribution.top.{i}.sum"] = a["sum"]
+            want[f"attribution.top.{i}.inside"] = a["inside"]
     for i, c in enumerate(unit["histogram"]["counts"]):
         want[f"histogram.counts.{i}"] = c
     return want
@@ -497,6 +534,27 @@ def test_missing_renders_and_images_show_boxes(
     grid = out / EVIL_DIR / "index.html"
     boxes = [a["title"] for t, a in parse(grid) if t == "span" and "noimg" in a.get("class", "")]
     assert boxes == ["no renders", "the crop fell outside the image"]
+
+
+def test_attributions_show_their_scale_and_shares(
+    site: tuple[dict[str, Any], Path, list[Path]],
+) -> None:
+    _, out, _ = site
+    page = out / FIRST_DIR / "0001.html"
+    text = page.read_text()
+    assert "What in this crop drives the unit" in text
+    assert "input × gradient of &lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "−1.3" in text and "+1.3" in text  # the symmetric scale, 0.1 + 0.2 + 1
+    assert "positive in crop" in text and "100.0%" in text and "85.7%" in text
+    srcs = [a["src"] for t, a in parse(page) if t == "img" and "a-ef56" in a["src"]]
+    assert srcs == [f"a-ef56/0001-top-{r}.png" for r in range(3)]
+    assert [a for t, a in parse(page) if t == "span" and a.get("class") == "diverging"]
+    missing = (out / EVIL_DIR / "0001.html").read_text()
+    assert "No attributions for this channel: attributions were not computed" in missing
+    assert (
+        "No attributions for this channel: none in microscope.json"
+        in (out / EVIL_DIR / "0000.html").read_text()
+    )
 
 
 def test_an_image_missing_on_disk_or_outside_is_a_box(tmp_path: Path) -> None:

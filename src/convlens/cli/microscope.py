@@ -66,6 +66,14 @@ QUICK = {"channels": "0-15", "steps": 32, "k": 6, "diversity": 2}
     "depend on it.",
 )
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True)
+@click.option(
+    "--attributions/--no-attributions",
+    default=True,
+    show_default=True,
+    help="Attribute the top examples to their pixels (input x gradient of the channel at "
+    "the example's position, over its receptive-field crop): what in the crop drives the "
+    "unit. As many per channel as a quarter of the dataset pass's time affords, at least 3.",
+)
 @_out_option(Path("site"), "The site: index.html, microscope.json, a folder per layer.")
 @click.option("--force", is_flag=True, help="Recompute what an earlier run left in --out.")
 @click.option(
@@ -91,6 +99,7 @@ def microscope_cmd(
     diversity_weight: float,
     batch: str,
     lr: float,
+    attributions: bool,
     out: Path,
     force: bool,
     quick: bool,
@@ -102,7 +111,8 @@ def microscope_cmd(
 ) -> None:
     """A microscope for your own model: every channel of the layers as a static site,
     feature visualizations (channel, neuron, negative, a diversity set) beside the top and
-    bottom dataset examples, statistics, a histogram and connections. Open
+    bottom dataset examples, what in each top crop drives the channel (a signed
+    attribution), statistics, a histogram and connections. Open
     OUT/index.html from disk; no network, no JavaScript.
 
     Resumable: a rerun skips finished channels (--force recomputes). Runs unchanged under
@@ -168,6 +178,7 @@ def microscope_cmd(
             split=split,
             progress=not quiet,
             settings={"quick": quick, "model_spec": model_spec, "data_spec": data_spec},
+            attributions=attributions,
         )
         if not ctx.is_main:
             return

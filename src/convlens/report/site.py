@@ -14,7 +14,8 @@ layout, every path relative to ``OUT``::
         by-selectivity.html        the same grid by class selectivity (descending; none last)
         by-mean.html               the same grid by mean activation (descending)
         0007.html                  one page per channel (unit["page"]): renders, dataset
-                                   examples, statistics, histogram, connections
+                                   examples, their attributions, statistics, histogram,
+                                   connections
         r-ab12/0007-channel.png    images the engine wrote (linked where they are, never copied)
 
 Every link is relative to the page it is on, with each path segment percent-encoded, so the
@@ -561,6 +562,7 @@ def _unit(unit: dict[str, Any], root: Path, pages: set[str]) -> dict[str, Any]:
         ]
     stats = _opt_obj(u.get("stats"), f"{where}.stats") or {}
     sel = _opt_obj(u.get("selectivity"), f"{where}.selectivity")
+    attribution = _attribution(u.get("attribution"), f"{where}.attribution", root)
     top_classes = u.get("top_classes")
     classes = None
     if isinstance(top_classes, list):
@@ -603,4 +605,37 @@ def _unit(unit: dict[str, Any], root: Path, pages: set[str]) -> dict[str, Any]:
         "histogram": _histogram(u.get("histogram"), f"{where}.histogram"),
         "connected": links,
         "connected_why": _text(u.get("connected_why")),
+        "attribution": attribution,
+        "attribution_why": _text(u.get("attribution_why")),
+    }
+
+
+def _attribution(value: Any, where: str, root: Path) -> dict[str, Any] | None:
+    """A unit's attributions: what they are, the colour scale (``±scale``) and per top
+    example the overlay, the sum over the crop and the share of positive mass inside it."""
+    a = _opt_obj(value, where)
+    if a is None:
+        return None
+    examples = []
+    for k, e in enumerate(_seq(a.get("top"), f"{where}.top")):
+        e = _obj(e, f"{where}.top[{k}]")
+        inside = _finite(e.get("inside"))
+        examples.append(
+            {
+                "rank": format_value(e.get("rank")),
+                "index": format_value(e.get("index")),
+                "image": _image(e.get("image"), root, e.get("why")),
+                "sum": _num(e.get("sum")),
+                "sum_key": f"attribution.top.{k}.sum",
+                "inside": _num(e.get("inside")),
+                "inside_key": f"attribution.top.{k}.inside",
+                "inside_text": "–" if inside is None else f"{100 * inside:.1f}%",
+            }
+        )
+    return {
+        "about": _text(a.get("about")),
+        "method": _text(a.get("method")),
+        "scale": _num(a.get("scale")),
+        "colour_scale": _text(a.get("colour_scale")),
+        "top": examples,
     }
