@@ -23,10 +23,19 @@ Three measurements, in one run:
    command's default), with its split into dataset pass, renders, examples and pages.
    ``--full-channels`` renders fewer channels (the dataset pass still reads all); the
    report says so and gives the measured render seconds per channel.
+4. **The attribution stage against its budget** (at most a quarter of the dataset pass):
+   the pass over ``--attr-images`` Imagenette val images, the microscope's own attribution
+   code on ``--attr-channels`` channels (the top examples the budget affords, as the
+   microscope runs it), the pass again; wall and CPU time. Then each candidate method
+   (input x gradient, integrated gradients at 2, 4, 8 steps) on the top 9 of 16 channels
+   (seconds per pair, the share it would take at the full microscope's pairs per image),
+   and its maps against integrated gradients at 64 steps (correlation over the crop,
+   completeness error).
 
     .venv-bench/bin/python benchmarks/microscope.py [--device auto|cpu|cuda] [--skip-lucent]
         [--skip-quick] [--skip-full] [--full-steps 256] [--full-channels 0-111]
         [--torchrun 1]   # also the full run under torchrun --nproc-per-node N (GPUs)
+        [--skip-attribution] [--attr-images 3925] [--attr-channels 112]
 
 Results: ``results/microscope.json`` (a part skipped keeps its figures from the last run
 that made them). Without the Imagenette archive part 3 says so and
@@ -157,10 +166,169 @@ def _part_renders(args: argparse.Namespace, dev: Any) -> dict[str, Any]:
     return doc
 
 
+#: (image, channel) pairs per dataset image: --quick (16 channels x k 6 on 1,000 shapes)
+#: and the full microscope (112 channels x k 9 on 3,925 Imagenette val images)
+PAIRS_PER_IMAGE = {"quick": 16 * 6 / 1000, "full": 112 * 9 / 3925}
+#: the attribution budget: the stage at most this share of the dataset pass's time
+ATTR_BUDGET = 0.25
+
+
+def _attr_quality(
+    bundle: Any, source: Any, result: Any, chans: list[int], ref_steps: int, dev: Any
+) -> dict[str, Any]:
+    """Each method's map against integrated gradients at ``ref_steps`` steps, on the first
+    top example of each of ``chans``: the Pearson correlation over the receptive-field
+    crop, and the completeness error |sum - (f(x) - f(0))| / |f(x) - f(0)|."""
+    out: dict[str, Any] = {}
+    xs, targets, boxes = [], [], []
+    for c in chans:
+        e = result.top(LAYER, c)[0]
+        xs.append(source.load(e.index)[0])
+        targets.append(f"{LAYER}:{c}@{e.y},{e.x}")
+        boxes.append(result.receptive_field(LAYER, e.y, e.x))
+    x = torch.stack(xs)
+    ref = convlens.attribute(
+        bundle, x, targets, method="integrated_gradients", steps=ref_steps, device=dev
+    )
+    at_zero = convlens.attribute(
+        bundle, torch.zeros_like(x), targets, method="saliency", device=dev
+    )
+    change = ref.score.double() - at_zero.score.double()
+    for name, method, steps in ATTR_CANDIDATES:
+        a = convlens.attribute(bundle, x, targets, method=method, steps=steps, device=dev)
+        corr, comp = [], []
+        for i, (t, b, le, r) in enumerate(boxes):
+            m, m_ref = a.map[i, t:b, le:r].flatten().double(), ref.map[i, t:b, le:r].flatten()
+            corr.append(float(torch.corrcoef(torch.stack([m, m_ref.double()]))[0, 1]))
+            comp.append(float((a.map[i].double().sum() - change[i]).abs() / change[i].abs()))
+        out[name] = {
+            "corr_with_reference_median": round(float(torch.tensor(corr).median()), 3),
+            "completeness_error_median": round(float(torch.tensor(comp).median()), 4),
+        }
+    return {"reference": f"integrated_gradients, {ref_steps} steps", "pairs": len(chans), **out}
+
+
+#: rows per batch for the candidates (divides 144 pairs at 1, 2, 4 and 8 rows per pair)
+ATTR_CANDIDATE_ROWS = 72
+#: the methods measured: (name, method, steps)
+ATTR_CANDIDATES = [
+    ("input_x_gradient", "input_x_gradient", 1),
+    ("integrated_gradients_2", "integrated_gradients", 2),
+    ("integrated_gradients_4", "integrated_gradients", 4),
+    ("integrated_gradients_8", "integrated_gradients", 8),
+]
+
+
+def _part_attribution(args: argparse.Namespace, dev: Any) -> dict[str, Any]:
+    """The microscope's attribution stage against its budget (at most a quarter of the
+    dataset pass), on ``--attr-images`` Imagenette val images (all 3,925 by default: the
+    full microscope's pairs per image). The dataset pass over them (efficientnet_lite0
+    ``blocks.4``, k 9, as the microscope runs it), then the microscope's own attribution
+    code (``convlens.microscope._attribution_units``: rows batched, the forward stopped at
+    the layer, the next batch's images read in a thread, overlays and numbers written) with
+    the chosen method on the top 9 of ``--attr-channels`` channels (all 112: the stage as
+    the full microscope runs it), then the pass again; the share is the stage's time over
+    the mean of the two passes. Then every candidate method on ``--attr-ig-channels``
+    channels, back to back (seconds per pair, and the share they would take at the full
+    microscope's pairs per image), and their maps against integrated gradients at 64 steps
+    on ``--attr-quality`` pairs (Pearson correlation over the crop, completeness error)."""
+    from convlens.analysis._sources import make_source
+    from convlens.microscope import _attr_plan, _attribution_units, _AttrPlan, _Unit
+    from examples import ARCHIVE, CACHE, _subset, _val_folder
+
+    if not ARCHIVE.is_file():
+        print(f"attribution: no {ARCHIVE}; skipped")
+        return {"skipped": f"no {ARCHIVE}"}
+    folder = _subset(_val_folder(ARCHIVE, CACHE), args.attr_images)
+    bundle = convlens.load_model("efficientnet_lite0", device=dev)
+    source = make_source(str(folder), bundle.preprocess)
+
+    # wall time, and the CPU time of the process (all its threads): on a shared machine the
+    # CPU time of each part depends less on what else runs
+    def one_pass() -> tuple[Any, float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        r = convlens.dataset_examples(bundle, str(folder), [LAYER], k=9, device=dev, progress=False)
+        return r, time.perf_counter() - t0, time.process_time() - c0
+
+    def stage(result: Any, chans: list[int], plan: Any) -> tuple[float, int, float]:
+        units = [_Unit(LAYER, 0, c) for c in chans]
+        n = sum(len(plan.examples(result, LAYER, c)) for c in chans)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0, c0 = time.perf_counter(), time.process_time()
+            _attribution_units(
+                result, source, bundle.model, units, {LAYER: Path(tmp)}, plan, dev, True, False
+            )
+            return time.perf_counter() - t0, n, time.process_time() - c0
+
+    result, t_pass, c_pass = one_pass()
+    n_images = result.length
+    chosen = _attr_plan(dev, n_images, args.attr_channels, 9)
+    t_stage, n_pairs, c_stage = stage(result, list(range(args.attr_channels)), chosen)
+    _, t_pass2, c_pass2 = one_pass()
+    pass_mean = (t_pass + t_pass2) / 2
+    share = t_stage / pass_mean
+    cpu_share = c_stage / ((c_pass + c_pass2) / 2)
+    print(
+        f"attribution: pass {t_pass:.1f} s and {t_pass2:.1f} s over {n_images} images; "
+        f"{chosen.method} on the top {chosen.top} of {args.attr_channels} channels "
+        f"({n_pairs} pairs) {t_stage:.1f} s: {share:.1%} of the pass "
+        f"(CPU time: {c_pass:.0f} s, {c_pass2:.0f} s and {c_stage:.0f} s: {cpu_share:.1%})"
+    )
+    got: dict[str, Any] = {
+        "images": n_images,
+        "channels": args.attr_channels,
+        "pairs": n_pairs,
+        "method": chosen.method,
+        "top": chosen.top,
+        "pass_seconds": [round(t_pass, 2), round(t_pass2, 2)],
+        "stage_seconds": round(t_stage, 2),
+        "share_of_pass": round(share, 3),
+        "pass_cpu_seconds": [round(c_pass, 1), round(c_pass2, 1)],
+        "stage_cpu_seconds": round(c_stage, 1),
+        "cpu_share_of_pass": round(cpu_share, 3),
+        "budget": ATTR_BUDGET,
+        "within_budget": share <= ATTR_BUDGET,
+    }
+    per_image = pass_mean / n_images
+    got.update(
+        pass_seconds_per_image=round(per_image, 4), pairs_per_image=round(n_pairs / n_images, 4)
+    )
+    if args.attr_ig_channels < 1:
+        return got
+    methods: dict[str, Any] = {}
+    ig_chans = list(range(args.attr_ig_channels))
+    for name, method, steps in ATTR_CANDIDATES:
+        # 72 rows: 16 channels x k 9 = 144 pairs fill every batch of every method exactly
+        secs, n, _ = stage(result, ig_chans, _AttrPlan(method, steps, ATTR_CANDIDATE_ROWS))
+        per_pair = secs / n
+        methods[name] = {
+            "seconds_per_pair": round(per_pair, 4),
+            "share_at_full": round(PAIRS_PER_IMAGE["full"] * per_pair / per_image, 3),
+            "share_at_quick_ratio": round(PAIRS_PER_IMAGE["quick"] * per_pair / per_image, 3),
+        }
+        print(f"  {name}: {per_pair * 1e3:.0f} ms per pair; {methods[name]}")
+    quality = _attr_quality(bundle, source, result, ig_chans[: args.attr_quality], 64, dev)
+    for name, q in quality.items():
+        if isinstance(q, dict):
+            methods[name].update(q)
+            print(f"  {name}: {q}")
+    got.update(
+        candidates_on=f"top 9 of channels 0-{ig_chans[-1]}",
+        reference=quality["reference"],
+        methods=methods,
+    )
+    return got
+
+
 def _stages(site: Path) -> dict[str, Any]:
     doc = json.loads((site / "microscope.json").read_text())
+    stages = doc["stages"]
+    share = None
+    if "attributions" in stages and stages.get("dataset pass"):
+        share = round(float(stages["attributions"]) / float(stages["dataset pass"]), 3)
     return {
         "stages": {k: round(float(v), 2) for k, v in doc["stages"].items()},
+        "attribution_share_of_pass": share,
         "work": doc["work"],
         "channels": sum(len(layer["units"]) for layer in doc["layers"]),
         "images": doc["dataset"]["size"],
@@ -235,6 +403,11 @@ def main() -> None:
     ap.add_argument("--full-steps", type=int, default=256)
     ap.add_argument("--full-channels", default=None, help="e.g. 0-15 (default: all 112)")
     ap.add_argument("--torchrun", type=int, default=0, help="also run the full one under torchrun")
+    ap.add_argument("--skip-attribution", action="store_true")
+    ap.add_argument("--attr-images", type=int, default=3925, help="Imagenette val images")
+    ap.add_argument("--attr-channels", type=int, default=112, help="channels attributed (k 9)")
+    ap.add_argument("--attr-ig-channels", type=int, default=16, help="channels per candidate")
+    ap.add_argument("--attr-quality", type=int, default=8, help="pairs against the reference")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
 
@@ -256,12 +429,15 @@ def main() -> None:
         doc["quick"] = _part_quick(args)
     if not args.skip_full:
         doc["full"] = _part_full(args)
+    if not args.skip_attribution:
+        doc["attribution"] = _part_attribution(args, dev)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if dev.type == "cpu" else f"_{dev.type}"
     path = args.out / f"microscope{suffix}.json"
     if path.is_file():  # parts not run this time keep their last figures
         old = json.loads(path.read_text())
-        doc = {**{k: old[k] for k in ("renders", "quick", "full") if k in old}, **doc}
+        parts = ("renders", "quick", "full", "attribution")
+        doc = {**{k: old[k] for k in parts if k in old}, **doc}
     path = write_json(path, doc)
     print(f"wrote {path}")
 

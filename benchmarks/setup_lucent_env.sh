@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build .venv-bench: a benchmark-only environment where Lucent (torch-lucent 0.1.8) runs
 # beside convlens on torch 2.14.1, for the side-by-side feature-visualization benchmark
-# (benchmarks/_lucent.py wraps Lucent's render_vis). Lucent is never a convlens dependency:
-# it is installed here only, and nothing in src/ imports it.
+# (benchmarks/_lucent.py wraps Lucent's render_vis), and beside the attribution anchors
+# (Captum, pytorch-grad-cam, torch-cam) for benchmarks/attribution.py and sensitivity.py.
+# None of them is ever a convlens dependency: they are installed here only, and nothing in
+# src/ imports them.
 #
 #   bash benchmarks/setup_lucent_env.sh          # idempotent: rerun to repair or check
 #   .venv-bench/bin/python benchmarks/_lucent.py # smoke check: two seeded renders, timings
@@ -37,6 +39,36 @@
 #   decorator, ipython: imported at import time by lucent.optvis.objectives and
 #       lucent.misc.io.showing (which lucent.optvis.render imports). Pinned to the
 #       versions verified here.
+#
+# The attribution anchors (benchmarks/attribution.py, benchmarks/sensitivity.py), also
+# never convlens dependencies, each checked below with one call on resnet18 (random init)
+# at 224 px under torch 2.14.1:
+#   captum 0.9.0 with --no-deps. Its requirements are matplotlib, numpy, packaging, tqdm
+#       and torch>=2.3, all already here (convlens and torch bring them); its extras
+#       (tutorials: torchtext; optional: openai, scikit-learn, annoy; test/dev tooling) are
+#       never imported by captum.attr. Saliency, IntegratedGradients (with the convergence
+#       delta), GuidedBackprop (on torchvision's in-place nn.ReLU: it warns that it sets
+#       backward hooks, and runs) and LayerGradCam run unchanged.
+#   grad-cam 1.5.7 (pytorch-grad-cam) with --no-deps, after its runtime dependencies:
+#       its metadata lists numpy, Pillow, torch>=1.7.1, torchvision>=0.13, ttach, tqdm,
+#       opencv-python-headless, matplotlib, scikit-learn, scipy, and every one of them is
+#       needed: `import pytorch_grad_cam` runs its __init__, which imports every CAM class,
+#       and so cv2 (utils/image.py: scale_cam_image resizes each map with cv2.resize),
+#       matplotlib and scipy.ndimage (utils/image.py), sklearn.decomposition (KernelPCA in
+#       utils/svd_on_activations.py, NMF in feature_factorization) and ttach (base_cam.py).
+#       They are installed first, pinned, under the torch constraints (none of them needs
+#       torch); grad-cam itself then goes in with --no-deps so that its unpinned
+#       `torch>=1.7.1` / `torchvision>=0.13` are never resolved again:
+#         ttach 0.0.3 (pure Python, no requirements), opencv-python-headless 5.1.0.95 (the
+#         headless wheel: no Qt/X11 libraries), scipy 1.17.1 (the newest for Python 3.11),
+#         scikit-learn 1.9.1 with what it pulls in: joblib 1.6.0, threadpoolctl 3.8.0,
+#         narwhals 2.29.0, cloudpickle 3.1.3.
+#       GradCAM, GradCAMPlusPlus, LayerCAM and ScoreCAM run unchanged (ScoreCAM draws a
+#       tqdm bar per image: TQDM_DISABLE=1 in the environment silences it).
+#   torchcam 0.5.0 with --no-deps. Its requirements (torch>=2.4.1,<3, numpy>=1.26.4,<3,
+#       pillow>=9.3.0, matplotlib>=3.8.4,<4) are all here already; --no-deps keeps pip
+#       from re-resolving torch. Its extras (demo: streamlit; docs; quality; test) are not
+#       installed. torchcam.methods.GradCAM on layer4 runs unchanged.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,7 +79,17 @@ TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
 LUCENT_VERSION=0.1.8
 KORNIA_VERSION=0.4.1
-CAPTUM_VERSION=0.9.0  # benchmarks/sensitivity.py; it needs nothing that is not there already
+CAPTUM_VERSION=0.9.0  # benchmarks/sensitivity.py, attribution.py; needs nothing more
+GRADCAM_VERSION=1.5.7  # pytorch-grad-cam, benchmarks/attribution.py
+TORCHCAM_VERSION=0.5.0
+TTACH_VERSION=0.0.3
+OPENCV_VERSION=5.1.0.95  # opencv-python-headless
+SCIPY_VERSION=1.17.1
+SKLEARN_VERSION=1.9.1
+JOBLIB_VERSION=1.6.0
+THREADPOOLCTL_VERSION=3.8.0
+NARWHALS_VERSION=2.29.0
+CLOUDPICKLE_VERSION=3.1.3
 DECORATOR_VERSION=5.3.1
 IPYTHON_VERSION=9.18.1
 
@@ -103,10 +145,19 @@ pip_ install --quiet -c "$CONSTRAINTS" --no-deps \
     "kornia==$KORNIA_VERSION" "torch-lucent==$LUCENT_VERSION"
 echo "== installing captum $CAPTUM_VERSION (--no-deps)"
 pip_ install --quiet -c "$CONSTRAINTS" --no-deps "captum==$CAPTUM_VERSION"
+echo "== installing pytorch-grad-cam's runtime dependencies (ttach, opencv-python-headless, scipy, scikit-learn)"
+pip_ install --quiet -c "$CONSTRAINTS" \
+    "ttach==$TTACH_VERSION" "opencv-python-headless==$OPENCV_VERSION" \
+    "scipy==$SCIPY_VERSION" "scikit-learn==$SKLEARN_VERSION" "joblib==$JOBLIB_VERSION" \
+    "threadpoolctl==$THREADPOOLCTL_VERSION" "narwhals==$NARWHALS_VERSION" \
+    "cloudpickle==$CLOUDPICKLE_VERSION"
+echo "== installing grad-cam $GRADCAM_VERSION, torchcam $TORCHCAM_VERSION (both --no-deps)"
+pip_ install --quiet -c "$CONSTRAINTS" --no-deps \
+    "grad-cam==$GRADCAM_VERSION" "torchcam==$TORCHCAM_VERSION"
 
 # 4. Check: everything the benchmark uses imports and runs; report the versions.
 echo "== checking"
-"$PY" -W ignore::FutureWarning - <<'EOF'
+TQDM_DISABLE=1 "$PY" -W ignore::FutureWarning - <<'EOF'
 import importlib.metadata as md
 import platform
 
@@ -131,12 +182,48 @@ m = inceptionv1(pretrained=False).eval()
 with torch.no_grad():
     assert m(torch.rand(1, 3, 224, 224)).shape == (1, 1008)
 
+# The attribution anchors: one small call each on resnet18 (random init) at 224 px.
+import warnings
+
+import torchvision
+
+warnings.filterwarnings("ignore", category=UserWarning, module="captum")
+from captum.attr import GuidedBackprop, IntegratedGradients, LayerGradCam, Saliency
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torchcam.methods import GradCAM as TorchcamGradCAM
+
+torch.manual_seed(0)
+net = torchvision.models.resnet18().eval()
+x = torch.randn(1, 3, 224, 224)
+assert Saliency(net).attribute(x, target=1).shape == (1, 3, 224, 224)
+ig, delta = IntegratedGradients(net).attribute(
+    x, target=1, n_steps=4, internal_batch_size=4, return_convergence_delta=True
+)
+assert ig.shape == (1, 3, 224, 224) and torch.isfinite(delta).all()
+assert GuidedBackprop(net).attribute(x, target=1).shape == (1, 3, 224, 224)
+assert LayerGradCam(net, net.layer4).attribute(x, target=1).shape == (1, 1, 7, 7)
+for cam_class in (GradCAM, GradCAMPlusPlus, LayerCAM):
+    with cam_class(net, [net.layer4[-1]]) as cam:
+        assert cam(x, [ClassifierOutputTarget(1)]).shape == (1, 224, 224)
+with ScoreCAM(net, [net.layer4[-1]]) as cam:  # 512 masked forwards: ~10 s on 2 cores
+    cam.batch_size = 128
+    assert cam(x, [ClassifierOutputTarget(1)]).shape == (1, 224, 224)
+with TorchcamGradCAM(net, "layer4") as extractor:
+    maps = extractor(1, net(x))
+    assert maps[0].shape == (1, 7, 7)
+net.zero_grad(set_to_none=True)
+
 print(f"python {platform.python_version()}")
 for name in ["torch", "torchvision", "convlens", "torch-lucent", "kornia", "numpy",
-             "pillow", "tqdm", "decorator", "ipython", "timm", "captum"]:
+             "pillow", "tqdm", "decorator", "ipython", "timm", "captum", "grad-cam",
+             "torchcam", "ttach", "opencv-python-headless", "scipy", "scikit-learn"]:
     print(f"  {name:<13} {md.version(name)}")
 print(f"  cuda available: {torch.cuda.is_available()} (Lucent then puts its images on "
       f"{'cuda:0' if torch.cuda.is_available() else 'cpu'})")
 print("ok: lucent.optvis.{render,objectives,param,transform} and "
       "lucent.modelzoo.inceptionv1 import and run")
+print("ok: captum.attr {Saliency,IntegratedGradients,GuidedBackprop,LayerGradCam}, "
+      "pytorch_grad_cam {GradCAM,GradCAMPlusPlus,LayerCAM,ScoreCAM} and "
+      "torchcam.methods.GradCAM run on resnet18 at 224 px")
 EOF
