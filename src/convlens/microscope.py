@@ -67,6 +67,7 @@ from torch import nn
 
 from convlens import distributed
 from convlens._io import atomic_open, versions, write_json
+from convlens.analysis.attribution.result import SCALE_PERCENTILE
 from convlens.capture import model_device
 from convlens.device import DeviceLike, resolve_device
 from convlens.errors import ConvlensError
@@ -91,7 +92,6 @@ _ATTR_STEPS = 1
 #: what the attribution files' key covers besides the settings (bump to invalidate them)
 _ATTR_VERSION = 1
 #: the colour scale of a unit's overlays: this percentile of |map| over its crops
-_ATTR_PERCENTILE = 99.5
 #: winners' images kept while a layer's pairs are attributed (an image is often a winner of
 #: several channels)
 _ATTR_CACHE = 128
@@ -616,7 +616,7 @@ class _AttrPlan:
             "steps": self.steps if self.method == "integrated_gradients" else None,
             "baseline": "zero" if self.method == "integrated_gradients" else None,
             "top_n": self.top,
-            "colour_scale": f"the {_ATTR_PERCENTILE}th percentile of |map| over the unit's crops",
+            "colour_scale": f"the {SCALE_PERCENTILE}th percentile of |map| over the unit's crops",
         }
 
     def about(self) -> str:
@@ -750,16 +750,11 @@ def _save_rgb(rgb: np.ndarray, path: Path) -> None:
 
 
 def _attr_scale(maps: Sequence[np.ndarray]) -> float:
-    """One symmetric colour scale for a unit's maps: the 99.5th percentile of ``|map|``
-    over all of them (the largest ``|map|`` if that is 0; 1.0 when every value is 0)."""
-    vals = np.concatenate([np.abs(np.asarray(m, dtype=np.float64)).ravel() for m in maps])
-    vals = vals[np.isfinite(vals)]
-    if vals.size == 0:
-        return 1.0
-    v = float(np.percentile(vals, _ATTR_PERCENTILE))
-    if not v > 0:
-        v = float(vals.max())
-    return v if v > 0 else 1.0
+    """One symmetric colour scale for a unit's maps (the figures' rule, see
+    :func:`convlens.analysis.attribution.result.symmetric_scale`)."""
+    from convlens.analysis.attribution.result import symmetric_scale
+
+    return symmetric_scale(maps)
 
 
 def _attr_numbers(amap: np.ndarray, box: tuple[int, int, int, int]) -> dict[str, Any]:

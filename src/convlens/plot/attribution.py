@@ -14,14 +14,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from convlens.analysis.attribution.faithfulness import Faithfulness
-from convlens.analysis.attribution.result import Attribution
+from convlens.analysis.attribution.result import SCALE_PERCENTILE, Attribution, symmetric_scale
 from convlens.analysis.attribution.sanity import Sanity
 from convlens.plot._base import hide_ticks, new_figure, show_image
 
 __all__ = ["attribution", "faithfulness_curves", "sanity"]
 
 CMAP = "RdBu_r"  # red: raises the target; blue: lowers it
-PERCENTILE = 99.5
+PERCENTILE = SCALE_PERCENTILE  # the colour scale: this percentile of |map|
 MAX_SANITY_COLUMNS = 8  # randomized states drawn per method (a spread subset beyond it)
 _DEFAULT_IMAGES = 8
 
@@ -40,16 +40,8 @@ def _text(s: object, limit: int = 40) -> str:
 
 
 def _robust_vmax(maps: Sequence[torch.Tensor]) -> float:
-    """The 99.5th percentile of ``|map|`` over ``maps`` (finite values only); the largest
-    ``|map|`` if that is 0; 1.0 if every value is 0 (never 0, so the scale is drawable)."""
-    vals = np.concatenate([m.detach().float().abs().cpu().numpy().ravel() for m in maps])
-    vals = vals[np.isfinite(vals)]
-    if vals.size == 0:
-        return 1.0
-    v = float(np.percentile(vals, PERCENTILE))
-    if not v > 0:
-        v = float(vals.max())
-    return v if v > 0 else 1.0
+    """The maps' symmetric colour scale (:func:`~convlens.analysis.attribution.result.symmetric_scale`)."""
+    return symmetric_scale(maps)
 
 
 def _grey(img: torch.Tensor) -> np.ndarray:

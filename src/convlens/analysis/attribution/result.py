@@ -11,7 +11,39 @@ import torch
 
 from convlens._io import atomic_open, versions, write_json
 
-__all__ = ["Attribution"]
+__all__ = ["SCALE_PERCENTILE", "Attribution", "symmetric_scale"]
+
+#: The colour scale of a figure's signed maps: this percentile of ``|map|`` over the maps.
+SCALE_PERCENTILE = 99.5
+
+
+def symmetric_scale(maps: Any) -> float:
+    """``vmax`` of one symmetric colour scale ``[-vmax, vmax]`` for signed maps (tensors or
+    arrays): the :data:`SCALE_PERCENTILE` th percentile of ``|map|`` over all of them
+    (finite values only), the largest ``|map|`` if that is 0, and 1.0 if every value is 0,
+    so the scale is always drawable.
+
+    Example:
+        >>> symmetric_scale([torch.tensor([[0.0, -2.0], [1.0, 0.5]])]) <= 2.0
+        True
+    """
+    import numpy as np
+
+    arrays = [
+        (m.detach().float().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m))
+        for m in maps
+    ]
+    if not arrays:
+        return 1.0
+    vals = np.concatenate([np.abs(a.astype(np.float64)).ravel() for a in arrays])
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return 1.0
+    v = float(np.percentile(vals, SCALE_PERCENTILE))
+    if not v > 0:
+        v = float(vals.max())
+    return v if v > 0 else 1.0
+
 
 _TENSORS = ("map", "pixels", "layer_map", "score", "delta", "input")
 
