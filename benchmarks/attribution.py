@@ -376,6 +376,7 @@ def main() -> None:
 
     # -- Captum IG: the internal_batch_size sweep (one call each), memory per row
     sweep: dict[int, dict[str, float]] = {}
+    predicted_default = 0.0  # MiB Captum's default IG is expected to take (checked per call)
     sweep_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if "ig" not in skip:
         for ibs in [int(v) for v in args.ibs.split(",")]:
@@ -400,6 +401,7 @@ def main() -> None:
             _meminfo_mib("MemAvailable") - 2048,  # others' memory on a shared machine
         )
         default_fits = predicted <= headroom
+        predicted_default = predicted if default_fits and n > 1 else 0.0
         fit_images = max(1, min(n, int((headroom - icpt) / max(slope, 1e-9) // steps)))
         print(
             f"  captum IG default (internal_batch_size=None, {rows_all} rows at once): "
@@ -514,15 +516,20 @@ def main() -> None:
         for name, fn in methods.items():
             if "scorecam" in name.lower() and r >= args.scorecam_rounds:
                 continue
+            need = predicted_default if "(default)" in name else 0.0
+            if need and _meminfo_mib("MemAvailable") - 2048 < need:
+                print(f"  round {r + 1}: {name} skipped, {need / 1024:.1f} GiB not free now")
+                continue
             for _ in range(repeat[name]):
                 _, sec, mib = _measure(fn)
                 times[name].append(sec)
                 cpu[name].append(LAST_CPU[0])
                 peak[name] = max(peak[name], mib)
         print(f"  round {r + 1}/{args.rounds} done (load average {os.getloadavg()[0]:.2f})")
-    med = {k: statistics.median(v) for k, v in times.items()}
-    fast = {k: min(v) for k, v in times.items()}
-    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+    nan = float("nan")
+    med = {k: statistics.median(v) if v else nan for k, v in times.items()}
+    fast = {k: min(v) if v else nan for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) if v else nan for k, v in cpu.items()}
 
     # -- integrated gradients at equal delta: the fewest steps (of the grid) for each tool
     equal_delta: dict[str, Any] = {}
