@@ -20,10 +20,11 @@
    at the example's arg-max position attributed to the input pixels (input x gradient),
    cut at the receptive-field crop and drawn as a signed overlay on one symmetric scale per
    channel. Its budget is a quarter of the dataset pass's time: one (image, channel) pair
-   costs about two images of the pass, so each channel gets as many of its top examples as
-   0.125 pairs per dataset image afford, at least 3 (all 9 for a large dataset; integrated
-   gradients' steps each cost a pair again). Many pairs share one forward, stopped at the
-   layer, and one backward; only the winners' images are read again.
+   costs 1.2 (wall) to 2 (CPU time) images of the pass, so each channel gets as many of its
+   top examples as 0.125 pairs per dataset image afford, at least 3 (all 9 for a large
+   dataset; integrated gradients' steps each cost a pair again). Many pairs share one
+   forward, stopped at the layer, and one backward; only the winners' images are read
+   again.
 
 Every channel's images are written atomically as their own files under a folder named by
 a hash of the settings that decide them (``<layer>/r-<key>/``, ``<layer>/e-<key>/``,
@@ -96,9 +97,9 @@ _ATTR_VERSION = 1
 #: several channels)
 _ATTR_CACHE = 128
 #: (image, unit) pairs per dataset image the attribution stage can afford: one pair (a forward
-#: to the layer and a backward) costs about 2 images of the dataset pass (efficientnet_lite0
-#: blocks.4 on Imagenette val, CPU time: 101 ms against 52 ms), and the stage's budget is a
-#: quarter of the pass (benchmarks/README.md): 0.25 / 2
+#: to the layer and a backward) costs about 1.2 images of the dataset pass in wall time on a
+#: quiet 2-core CPU and 2 in CPU time (efficientnet_lite0 blocks.4 on Imagenette val), and
+#: the stage's budget is a quarter of the pass (benchmarks/README.md): 0.25 / 2
 _ATTR_PAIRS_PER_IMAGE = 0.125
 #: the fewest top examples attributed per unit, whatever the budget
 _ATTR_MIN_TOP = 3
