@@ -30,6 +30,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from convlens.analysis.featurevis._inputgrad import fast_input_grads
 from convlens.models.forms import HOOK_TABLES, is_scripted
 
 __all__ = ["fold_batchnorm", "fuse_conv_bn", "structural_copy"]
@@ -240,6 +241,7 @@ def fold_batchnorm(
         folded += 1
     if folded == 0:
         return None
+    fast_input_grads(clone, keep)
     for m in clone.modules():
         # An in-place activation under autograd computes out of place and copies back;
         # in our own copy it may as well just compute out of place.

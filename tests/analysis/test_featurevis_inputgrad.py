@@ -1,0 +1,130 @@
+"""The stem convolution's input gradient as one forward convolution (``_inputgrad``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from convlens.analysis.featurevis._fold import fold_batchnorm, structural_copy
+from convlens.analysis.featurevis._inputgrad import (
+    InputGradConv2d,
+    fast_input_grads,
+    phase_kernel,
+)
+
+
+def _grads(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    x = x.detach().requires_grad_(True)
+    y = conv(x)
+    params = [p for p in conv.parameters() if p.requires_grad]
+    return (y, *torch.autograd.grad(y, [x, *params], g))
+
+
+@pytest.mark.parametrize(
+    ("channels", "kernel", "stride", "padding"),
+    [
+        (c, k, s, p)
+        for c, k, s, p in itertools.product([1, 3, 4], [1, 2, 3, 4, 7], [1, 2, 3], [0, 1, 3])
+        if p < k
+    ],
+)
+def test_input_gradient_equals_autograd(
+    channels: int, kernel: int, stride: int, padding: int
+) -> None:
+    # every phase layout: sizes divisible by the stride and not, odd kernels and even
+    torch.manual_seed(kernel * 100 + stride * 10 + padding)
+    conv = nn.Conv2d(channels, 5, kernel, stride=stride, padding=padding).double()
+    fast = InputGradConv2d.from_conv(conv)
+    for h, w in [(9, 10), (16, 17)]:
+        x = torch.randn(2, channels, h, w, dtype=torch.float64)
+        g = torch.randn_like(conv(x))
+        want = _grads(conv, x, g)
+        got = _grads(fast, x, g)
+        assert torch.equal(got[0], want[0])  # the forward is the convolution itself
+        for a, b in zip(got[1:], want[1:], strict=True):  # input, weight and bias gradients
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_phase_kernel_by_hand() -> None:
+    # a 1-D view: kernel [w0, w1, w2], stride 2, padding 1. y[i] = w0 x[2i-1] + w1 x[2i] + w2 x[2i+1]
+    # so dL/dx[2u] = w1 g[u] (phase 0: one tap) and dL/dx[2u+1] = w2 g[u] + w0 g[u+1]
+    w = torch.tensor([[[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]]])
+    k = phase_kernel(w, 2, (1, 1))  # 2 x 2 phases, taps at offsets 0 and +1
+    assert k.shape == (4, 1, 2, 2)
+    # even rows (ry=0) read the middle kernel row at offset 0; odd rows (ry=1) kernel
+    # rows 2 and 0, which are zero here
+    # (ry=0, rx=0): even columns take w1 at offset 0
+    assert k[0, 0].tolist() == [[2.0, 0.0], [0.0, 0.0]]
+    # (ry=0, rx=1): odd columns take w2 at offset 0 and w0 at offset +1
+    assert k[1, 0].tolist() == [[3.0, 1.0], [0.0, 0.0]]
+    assert k[2].abs().sum() == 0 and k[3].abs().sum() == 0
+
+
+def test_swapped_into_copies_only_and_gradients_unchanged() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 3, 33, 31)
+    got = fold_batchnorm(net, x[:1])
+    assert got is not None
+    copy, folded = got
+    assert folded == 1
+    assert type(net[0]) is nn.Conv2d  # the user's model is never changed
+    assert isinstance(copy[0], InputGradConv2d) and type(copy[3]) is nn.Conv2d  # 8 inputs
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    (ga,) = torch.autograd.grad(net(xa)[:, 1].sum(), [xa])
+    (gb,) = torch.autograd.grad(copy(xb)[:, 1].sum(), [xb])
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+    # no gradient needed: the plain convolution runs
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), net(x), rtol=1e-4, atol=1e-6)
+
+
+def test_kept_layer_and_non_eligible_convolutions_are_left_alone() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, dilation=2),  # dilated: not swapped
+        nn.Conv2d(8, 8, 3, stride=2),  # 8 input channels: not swapped
+    )
+    assert fast_input_grads(structural_copy(net)) == 0
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.Conv2d(1, 2, 3, stride=(1, 2)))
+    assert fast_input_grads(structural_copy(stem), keep={"0"}) == 0  # kept; strides differ
+
+
+def test_phase_kernel_follows_weight_changes() -> None:
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    fast = InputGradConv2d.from_conv(conv)
+    x = torch.randn(1, 3, 8, 8)
+    g = torch.randn(1, 4, 4, 4)
+    _grads(fast, x, g)
+    with torch.no_grad():
+        conv.weight.mul_(2)  # shared storage: the copy's kernel must be rebuilt
+    torch.testing.assert_close(_grads(fast, x, g)[1], _grads(conv, x, g)[1])
+
+
+def test_under_autocast_bfloat16() -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 8, 7, stride=2, padding=3)
+    fast = InputGradConv2d.from_conv(conv)
+    x = torch.randn(2, 3, 32, 32)
+    out = []
+    for m in (conv, fast):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xi)
+        (gi,) = torch.autograd.grad(y.float().square().sum(), [xi])
+        assert gi.dtype == torch.float32
+        out.append(gi)
+    torch.testing.assert_close(out[1], out[0], rtol=0.05, atol=0.05 * float(out[0].abs().max()))
