@@ -277,7 +277,6 @@ def attribute(
             keep.add(cam_layer.partition("#")[0])
         if not callable(targets) and targets[0].layer is not None:
             keep.add(targets[0].layer)
-        ref = Scorer(net, targets, output=output)
         rows0 = torch.arange(N, device=dev)
 
         def check(m: nn.Module) -> torch.Tensor:
@@ -290,9 +289,16 @@ def attribute(
         else:  # a handful of rows: folding would cost more forwards than it saves
             run, folded = net, 0
         scorer = Scorer(run, targets, output=output, read=cam_layer)
-        with torch.no_grad():
-            score = ref(x, rows0).detach().float()
-        output_key = ref.output_key
+        plain = Scorer(run, targets, output=output)
+
+        def scores_at(inp: torch.Tensor) -> torch.Tensor:
+            # the target's value on images the gradient pass does not evaluate as they are
+            with torch.no_grad():
+                return plain(inp, rows0).detach().float()
+
+        # the target's value at each image, from the pass that evaluates the images
+        # themselves where there is one (no extra forward), else from scores_at
+        score: torch.Tensor | None = None
 
         def per_row() -> float:
             return row_bytes(run, tuple(x.shape[1:]), model_dtype(run))
@@ -304,8 +310,6 @@ def attribute(
             "folded_batchnorms": folded,
             "normalize": normalize,
         }
-        if output_key is not None:
-            settings["output"] = output_key
         pixels: torch.Tensor | None = None
         layer_map: torch.Tensor | None = None
         delta: torch.Tensor | None = None
@@ -340,8 +344,8 @@ def attribute(
                             "rule": rule,
                         }
                     )
-                    with torch.no_grad():
-                        fb = ref(base, rows0).detach().float()
+                    fb = scores_at(base)
+                    score = scores_at(x)
                     plan = steps_doubling(steps, MAX_STEPS) if tolerance is not None else [steps]
                     for k in plan:
                         alphas, weights = ig_points(k, rule)
@@ -361,7 +365,7 @@ def attribute(
                             scorer, n_rows, make, N, bs, tuple(x.shape[1:]), bar=bar
                         )
                         # completeness per noisy copy: f(x~) - f(b), averaged
-                        fx = _noisy_scores(ref, x, S, sigma, seed, rows0) if S else score
+                        fx = _noisy_scores(plain, x, S, sigma, seed, rows0) if S else score
                         delta = (
                             pixels.double().sum(dim=(1, 2, 3)) - (fx.double() - fb.double())
                         ).float()
@@ -394,9 +398,19 @@ def attribute(
                     )
                     bs = batch_rows(batch, n_rows, per_row, dev)
                     bar.reset(total=n_rows)
+                    row_scores = None if S else torch.zeros(N, device=dev)
                     pixels = accumulate(
-                        scorer, n_rows, make, N, bs, tuple(x.shape[1:]), context=context, bar=bar
+                        scorer,
+                        n_rows,
+                        make,
+                        N,
+                        bs,
+                        tuple(x.shape[1:]),
+                        context=context,
+                        bar=bar,
+                        scores=row_scores,
                     )
+                    score = row_scores
                     if method == "guided_backprop" and seen["calls"] == 0:
                         note = (
                             "no ReLU-family activation ran in this model: guided "
@@ -406,13 +420,18 @@ def attribute(
                         warnings.warn(f"convlens.attribute: {note}", stacklevel=2)
                 amap = cast(torch.Tensor, pixels).sum(dim=1)
             else:
-                layer_map = _cam(
+                layer_map, score = _cam(
                     method, scorer, run, targets, x, rows0, batch, per_row, dev, bar, output
                 )
                 amap = _upsample(layer_map, tuple(x.shape[-2:]))
                 settings["layer"] = cam_layer
+            if score is None:
+                score = scores_at(x)
         finally:
             bar.close()
+        output_key = plain.output_key or scorer.output_key
+        if output_key is not None:
+            settings["output"] = output_key
 
     if normalize:  # pytorch-grad-cam's display: a CAM is clipped at its own resolution
         if layer_map is not None:
@@ -425,7 +444,7 @@ def attribute(
     parsed: list[AttrTarget] | None = None if callable(targets) else targets
     return Attribution(
         map=amap.detach().float().cpu(),
-        score=score.cpu(),
+        score=score.detach().float().cpu(),
         target=tuple(t.spec for t in parsed) if parsed else ("callable",) * N,
         method=method,
         input=x.detach().cpu(),
@@ -444,14 +463,14 @@ def attribute(
 
 
 def _noisy_scores(
-    ref: Scorer, x: torch.Tensor, samples: int, sigma: float, seed: int, rows: torch.Tensor
+    plain: Scorer, x: torch.Tensor, samples: int, sigma: float, seed: int, rows: torch.Tensor
 ) -> torch.Tensor:
     from convlens.analysis.attribution.gradients import noise_for
 
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     with torch.no_grad():
         for s in range(samples):
-            total += ref(x + noise_for(x, s, sigma, seed), rows).double()
+            total += plain(x + noise_for(x, s, sigma, seed), rows).double()
     return (total / samples).float()
 
 
@@ -473,23 +492,25 @@ def _cam(
     dev: torch.device,
     bar: Any,
     output: OutputKey | None,
-) -> torch.Tensor:
-    """The CAM family's signed layer map ``[N, h, w]``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CAM family's signed layer map ``[N, h, w]`` and the target's value per image."""
     from convlens.analysis.attribution.cam import cam_map, scorecam_map, scorecam_weights
 
     N = x.shape[0]
     bs = batch_rows(batch, N, per_row, dev)
     maps = []
     acts_all = []
+    scores = []
     for start in range(0, N, bs):
         xb = x[start : start + bs].detach().requires_grad_(method != "scorecam")
         rows = rows0[start : start + bs]
         if method == "scorecam":
             with torch.no_grad():
-                scorer(xb, rows)
+                scores.append(scorer(xb, rows).detach().float())
             acts_all.append(cast(torch.Tensor, scorer.activation).detach().float().contiguous())
             continue
         s = scorer(xb, rows)
+        scores.append(s.detach().float())
         act = cast(torch.Tensor, scorer.activation)
         if act.ndim != 4:
             raise ValueError(
@@ -500,7 +521,7 @@ def _cam(
         maps.append(cam_map(method, act.detach().float().contiguous(), g.float().contiguous()))
         bar.update(len(rows))
     if method != "scorecam":
-        return torch.cat(maps)
+        return torch.cat(maps), torch.cat(scores)
     acts = torch.cat(acts_all)
     if acts.ndim != 4:
         raise ValueError(
@@ -526,7 +547,7 @@ def _cam(
         bar.update(done - bar.n)
 
     weights = scorecam_weights(score_fn, x, acts, batch=n, progress=shown)
-    return scorecam_map(weights, acts)
+    return scorecam_map(weights, acts), torch.cat(scores)
 
 
 def _occlusion(

@@ -78,13 +78,15 @@ def accumulate(
     *,
     context: Callable[[], Any] | None = None,
     bar: Any = None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sum over rows r of weight[r] * d target / d input[r]`` per image ``[N, C, H, W]``
     (float32, on the input's device).
 
     ``make(start, stop)`` gives rows ``start..stop``: ``(inputs [B, C, H, W], image index
-    [B], multiplier [B, 1, 1, 1] or [B, C, H, W])``. ``context()`` (guided backpropagation's) is entered around each
-    batch's forward and backward.
+    [B], multiplier [B, 1, 1, 1] or [B, C, H, W])``. ``context()`` (guided
+    backpropagation's) is entered around each batch's forward and backward. ``scores``
+    (``[n_rows]``), when given, receives each row's target value from the same forward.
 
     Example:
         >>> one = lambda a, b: (x, torch.tensor([0]), torch.ones(1, 1, 1, 1))
@@ -97,11 +99,13 @@ def accumulate(
         xb = xb.detach().requires_grad_(True)
         if context is not None:
             with context():
-                scores = scorer(xb, rows)
-                (grad,) = torch.autograd.grad(scores.sum(), [xb])
+                value = scorer(xb, rows)
+                (grad,) = torch.autograd.grad(value.sum(), [xb])
         else:
-            scores = scorer(xb, rows)
-            (grad,) = torch.autograd.grad(scores.sum(), [xb])
+            value = scorer(xb, rows)
+            (grad,) = torch.autograd.grad(value.sum(), [xb])
+        if scores is not None:
+            scores[start:stop] = value.detach().to(scores.device, scores.dtype)
         grad = grad.float() * weight.to(grad.device, torch.float32)
         if acc is None:
             acc = torch.zeros((n_images, *shape), dtype=torch.float32, device=grad.device)
