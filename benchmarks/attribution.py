@@ -16,6 +16,9 @@ family on ``layer4``. Pairs, each convlens method against the tool's own call:
   per image, bilinearly resized with OpenCV: agreement = Spearman rank correlation with
   convlens's ``normalize=True`` map (per image; the mean and the minimum over images),
   and the max |diff| of the two [0, 1] maps.
+  Where this CPU runs bfloat16 in hardware (AVX-512 BF16 or AMX), Score-CAM is also
+  timed with ``precision="auto"`` (its masked forwards under bfloat16 autocast) against
+  the same pytorch-grad-cam call, its agreement measured the same way.
 
 Also: integrated gradients at equal delta (each tool at the fewest steps, of a grid, that
 bring every image's completeness error ``|sum(attr) - (f(x) - f(0))|`` to at most Captum's
@@ -71,6 +74,8 @@ from torch import nn
 import convlens
 from _machine import cpu_name
 from convlens._io import versions, write_json
+from convlens.device import resolve_precision
+from convlens.models.forms import dtype_name
 
 warnings.filterwarnings("ignore", category=UserWarning, module="captum")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -494,6 +499,18 @@ def main() -> None:
                 _convlens, bundle, x, t, mine, layer=LAYER, normalize=True
             )
         pair(label, f"grad-cam {theirs}", f"convlens {mine} normalize=True", "rank")
+        auto = dtype_name(resolve_precision("auto", torch.device("cpu")))
+        if mine == "scorecam" and auto != "float32" and not args.baselines_only:
+            # the masked forwards under autocast where this CPU runs bfloat16 in hardware
+            methods[f"convlens scorecam normalize=True precision=auto ({auto})"] = _bind(
+                _convlens, bundle, x, t, mine, layer=LAYER, normalize=True, precision="auto"
+            )
+            pair(
+                f"{label}, precision=auto ({auto})",
+                f"grad-cam {theirs}",
+                f"convlens scorecam normalize=True precision=auto ({auto})",
+                "rank",
+            )
 
     # -- warm-up, and the outputs for the agreement numbers
     outputs: dict[str, Any] = {}

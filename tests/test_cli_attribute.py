@@ -109,6 +109,27 @@ def test_image_writes_figure_maps_and_the_api_numbers(tmp_path: Path) -> None:
     assert "integrated_gradients" in res.stdout and f"delta {ig['delta']:.2g}" in res.stdout
 
 
+def test_precision_reaches_scorecam_only(tmp_path: Path) -> None:
+    img = _png(tmp_path / "photo.png", seed=3)
+    out = tmp_path / "out"
+    res = run(
+        "attribute", *ARGS, "--image", str(img), "--methods", "gradcam,scorecam",
+        "--precision", "bfloat16", "--out", str(out),
+    )  # fmt: skip
+    assert_ok(res)
+    d = json.loads((out / "attribution.json").read_text())
+    assert d["settings"]["precision"] == "bfloat16"
+    methods = d["settings"]["methods"]
+    assert methods["scorecam"]["precision"] == "bfloat16"
+    assert methods["gradcam"]["precision"] == "float32"
+    bundle = _bundle()
+    x = _input(bundle, img)
+    t = d["images"][0]["methods"]["gradcam"]["target"]
+    api = convlens.attribute(bundle, x, t, method="scorecam", precision="bfloat16")
+    saved = convlens.Attribution.load(out / "maps" / "photo", name="scorecam")
+    assert torch.equal(saved.map, api.map)
+
+
 def test_unit_target_and_images_that_share_a_name(tmp_path: Path) -> None:
     a, b = _png(tmp_path / "a" / "x.png", seed=1), _png(tmp_path / "b" / "x.png", seed=2)
     out = tmp_path / "out"

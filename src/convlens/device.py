@@ -1,10 +1,22 @@
-"""Device selection shared by every command and compute function."""
+"""Device selection shared by every command and compute function, and the reduced
+precision a device runs fast (:func:`resolve_precision`)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["DeviceLike", "resolve_device"]
+__all__ = [
+    "PRECISIONS",
+    "DeviceLike",
+    "cpu_has_fast_bfloat16",
+    "resolve_device",
+    "resolve_precision",
+]
+
+#: the names ``precision=`` / ``--precision`` accept
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 DeviceLike = str | torch.device
 
@@ -59,3 +71,47 @@ def resolve_device(device: DeviceLike | None = "auto") -> torch.device:
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unsupported device {device!r}: use 'auto', 'cpu', 'cuda' or 'mps'")
     return dev
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products in hardware (AVX-512 BF16 or AMX,
+    from ``/proc/cpuinfo``'s flags; ``False`` where they cannot be read).
+
+    Example:
+        >>> isinstance(cpu_has_fast_bfloat16(), bool)
+        True
+    """
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for ``precision`` on ``device``: ``"float32"``, ``"bfloat16"``
+    and ``"float16"`` as named; ``"auto"`` picks bfloat16 where the device runs it fast (a
+    CPU with AVX-512 BF16 or AMX, CUDA with compute capability 8.0 or more), float16 on
+    older CUDA, float32 elsewhere (MPS included).
+
+    Example:
+        >>> resolve_precision("float32", torch.device("cpu"))
+        torch.float32
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            precision
+        ]
+    if device.type == "cuda":
+        major, _minor = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bfloat16():
+        return torch.bfloat16
+    return torch.float32

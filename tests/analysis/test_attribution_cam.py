@@ -378,3 +378,55 @@ def test_default_cam_layer_needs_a_conv():
     with pytest.raises(ValueError, match="a CAM method needs a convolutional layer") as e:
         default_cam_layer(mlp)
     assert "integrated_gradients" in str(e.value)
+
+
+class _AutocastSpy(GapNet):
+    """GapNet that records, per forward, whether CPU autocast was on and in which dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.dtype | None] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "meta":  # not the trace that sizes the batches
+            on = torch.is_autocast_enabled("cpu")
+            self.seen.append(torch.get_autocast_dtype("cpu") if on else None)
+        return super().forward(x)
+
+
+def test_scorecam_precision_runs_only_the_masked_forwards_under_autocast():
+    x = _images(2)
+    ref = convlens.attribute(GapNet(), x, 0, method="scorecam", layer="pool")
+    assert ref.settings["precision"] == "float32"
+    spy = _AutocastSpy()
+    got = convlens.attribute(spy, x, 0, method="scorecam", layer="pool", precision="bfloat16")
+    assert got.settings["precision"] == "bfloat16"
+    # the activations' pass is float32; every masked forward after it ran under bfloat16
+    assert spy.seen[0] is None and bool(spy.seen[1:])
+    assert all(d == torch.bfloat16 for d in spy.seen[1:])
+    # channel 2 is dead; the others' scores round to bfloat16: the weights move a little
+    torch.testing.assert_close(got.layer_map, ref.layer_map, rtol=0.05, atol=0.02)
+
+
+def test_precision_is_refused_for_gradient_methods_and_auto_means_float32_there():
+    x = _images(1)
+    with pytest.raises(ValueError, match=r"applies to 'scorecam'.*float32"):
+        convlens.attribute(GapNet(), x, 0, method="saliency", precision="bfloat16")
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        convlens.attribute(GapNet(), x, 0, method="scorecam", layer="pool", precision="half")
+    a = convlens.attribute(GapNet(), x, 0, method="gradcam", layer="pool", precision="auto")
+    assert a.settings["precision"] == "float32"
+
+
+def test_resolve_precision(monkeypatch):
+    from convlens import device as devmod
+
+    cpu = torch.device("cpu")
+    assert devmod.resolve_precision("bfloat16", cpu) == torch.bfloat16
+    assert devmod.resolve_precision("float16", cpu) == torch.float16
+    monkeypatch.setattr(devmod, "cpu_has_fast_bfloat16", lambda: True)
+    assert devmod.resolve_precision("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(devmod, "cpu_has_fast_bfloat16", lambda: False)
+    assert devmod.resolve_precision("auto", cpu) == torch.float32
+    with pytest.raises(ValueError, match="use one of auto, float32, bfloat16, float16"):
+        devmod.resolve_precision("fp8", cpu)

@@ -251,6 +251,14 @@ def _method_line(m: str, r: dict[str, Any]) -> str:
     show_default=True,
     help="Rows per forward (images x steps x samples), or auto (from free memory).",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Score-CAM's masked forwards under autocast (auto: bfloat16 where the device runs it "
+    "fast); every other method computes in float32.",
+)
 @_out_option(Path("out/attribution"), "attribution.json, a figure per image and maps/ go here.")
 @_model_options
 @_device_option
@@ -273,6 +281,7 @@ def attribute_cmd(
     run_faithfulness: bool,
     scale: str,
     batch: str,
+    precision: str,
     out: Path,
     weights: str,
     arch: str | None,
@@ -346,6 +355,7 @@ def attribute_cmd(
             "batch": rows,
             "seed": seed,
             "scale": scale,
+            "precision": precision,
         }
         mine = distributed.shard(n, ctx.rank, ctx.world)
         entries: list[dict[str, Any]] = []
@@ -405,6 +415,7 @@ def attribute_cmd(
                 "batch": rows,
                 "seed": seed,
                 "scale": scale,
+                "precision": precision,
                 "faithfulness": run_faithfulness,
                 "sanity": run_sanity,
                 "world_size": ctx.world,
@@ -512,6 +523,8 @@ def _attribute_image(
             args["samples"] = kw["samples"]
         if m in CAM_METHODS and kw["layer"] is not None:
             args["layer"] = kw["layer"]
+        if m == "scorecam":
+            args["precision"] = kw["precision"]
         a = attribute(bundle, x, fixed, method=m, **args)
         fixed = list(a.target)  # every method explains the same target (top: the first's)
         results.append(a)

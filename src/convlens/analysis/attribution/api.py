@@ -33,7 +33,7 @@ from convlens.analysis.attribution.gradients import (
 )
 from convlens.analysis.attribution.result import Attribution
 from convlens.capture import model_device
-from convlens.device import DeviceLike, resolve_device
+from convlens.device import PRECISIONS, DeviceLike, resolve_device, resolve_precision
 from convlens.errors import ConvlensError
 from convlens.models.forms import OutputKey, dtype_name, is_scripted, model_dtype, require_hooks
 from convlens.models.layers import find_layers, unwrap
@@ -170,6 +170,7 @@ def attribute(
     window: int | tuple[int, int] = 32,
     stride: int | tuple[int, int] = 16,
     progress: bool | None = False,
+    precision: str = "float32",
 ) -> Attribution:
     """Which pixels of ``x`` the ``target`` depends on, by ``method``.
 
@@ -201,6 +202,10 @@ def attribute(
     memory. The model is left as it was found: hooks (convlens's removed, the user's
     untouched), train/eval flags, ``requires_grad``, parameter ``.grad``. ``device``:
     ``None`` runs where the model is; otherwise the model is moved there (in place).
+    ``precision``: Score-CAM's masked forwards (scores only, no gradient) may run under
+    autocast in ``"bfloat16"`` or ``"float16"``; ``"auto"`` picks bfloat16 where the device
+    runs it fast (:func:`convlens.device.resolve_precision`). Every other method computes
+    in float32 (``"auto"`` means float32 there), so signs and completeness hold.
 
     Example:
         >>> a = attribute(bundle, x, 258, method="integrated_gradients", steps=64)
@@ -239,6 +244,14 @@ def attribute(
     if layer is not None and method not in CAM_METHODS:
         raise ValueError(
             f"layer= chooses the layer of a CAM method ({', '.join(CAM_METHODS)}), not of {method!r}"
+        )
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision not in ("float32", "auto") and method != "scorecam":
+        raise ValueError(
+            f"precision={precision!r} applies to 'scorecam' (its map is built from forward "
+            f"scores); {method!r} computes in float32 so that its signs and completeness "
+            "hold: leave precision at 'float32' (or 'auto')"
         )
     mean, std = bundle.normalize if bundle is not None else (None, None)
 
@@ -290,6 +303,11 @@ def attribute(
             run, folded = net, 0
         scorer = Scorer(run, targets, output=output, read=cam_layer)
         plain = Scorer(run, targets, output=output)
+        amp = (
+            resolve_precision(precision, dev)
+            if method == "scorecam" and model_dtype(run) == torch.float32
+            else torch.float32
+        )
 
         def scores_at(inp: torch.Tensor) -> torch.Tensor:
             # the target's value on images the gradient pass does not evaluate as they are
@@ -309,6 +327,7 @@ def attribute(
             "batch": batch,
             "folded_batchnorms": folded,
             "normalize": normalize,
+            "precision": dtype_name(amp),
         }
         pixels: torch.Tensor | None = None
         layer_map: torch.Tensor | None = None
@@ -421,7 +440,7 @@ def attribute(
                 amap = cast(torch.Tensor, pixels).sum(dim=1)
             else:
                 layer_map, score = _cam(
-                    method, scorer, run, targets, x, rows0, batch, per_row, dev, bar, output
+                    method, scorer, run, targets, x, rows0, batch, per_row, dev, bar, output, amp
                 )
                 amap = _upsample(layer_map, tuple(x.shape[-2:]))
                 settings["layer"] = cam_layer
@@ -492,6 +511,7 @@ def _cam(
     dev: torch.device,
     bar: Any,
     output: OutputKey | None,
+    amp: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CAM family's signed layer map ``[N, h, w]`` and the target's value per image."""
     from convlens.analysis.attribution.cam import cam_map, scorecam_map, scorecam_weights
@@ -531,7 +551,10 @@ def _cam(
     plain = Scorer(run, targets, output=output)
 
     def score_fn(xb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with (
+            torch.no_grad(),
+            torch.autocast(dev.type, dtype=amp, enabled=amp != torch.float32),
+        ):
             return plain(xb, rows).float()
 
     K = acts.shape[1]
