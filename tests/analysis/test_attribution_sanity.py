@@ -312,6 +312,42 @@ def test_steps_go_to_integrated_gradients_only_and_a_cam_keeps_its_layer(monkeyp
     assert s.settings["layers"] == {"gradcam": "body.0"}
 
 
+def test_layer_baseline_and_samples_reach_the_methods_that_take_them(monkeypatch):
+    seen: list[tuple[str, dict]] = []
+
+    def fake(model, x, target, method, **kw):
+        seen.append((method, kw))
+        return Attribution(
+            map=x.sum(1),
+            score=torch.zeros(len(x)),
+            target=("0",) * len(x),
+            method=method,
+            input=x,
+            layer=kw.get("layer"),
+        )
+
+    monkeypatch.setattr(sanity_mod, "_attribute", fake)
+    s = sanity(
+        trained_net(),
+        torch.rand(2, 5, 5),
+        methods=("integrated_gradients", "saliency", "gradcam"),
+        units=["fc"],
+        layer="conv",
+        baseline="blur",
+        samples=3,
+        seed=5,
+    )
+    by = {
+        m: [kw for n, kw in seen if n == m] for m in ("integrated_gradients", "saliency", "gradcam")
+    }
+    assert all(kw["baseline"] == "blur" and kw["samples"] == 3 for kw in by["integrated_gradients"])
+    assert all(kw["samples"] == 3 and kw["seed"] == 5 for kw in by["saliency"])
+    assert all("baseline" not in kw for kw in by["saliency"] + by["gradcam"])
+    assert all(kw["layer"] == "conv" and "samples" not in kw for kw in by["gradcam"])
+    assert s.settings["layers"] == {"gradcam": "conv"}
+    assert (s.settings["baseline"], s.settings["samples"]) == ("blur", 3)
+
+
 def test_sanity_with_the_real_methods_end_to_end():
     net = trained_net()
     net.body.train()

@@ -581,20 +581,6 @@ def _run_sanity(
 
     _, x, _, _ = load(first["index"])
     target = first["methods"][methods[0]]["target"]
-    ignored = [
-        flag
-        for flag, used in (
-            ("--layer", kw["layer"] is not None),
-            ("--samples", kw["samples"] is not None),
-            ("--baseline", kw["baseline"] != "zero"),
-        )
-        if used
-    ]
-    if ignored:
-        _note(
-            f"--sanity uses the default layer, no SmoothGrad and the zero baseline "
-            f"({', '.join(ignored)} not applied to it)"
-        )
     result = sanity(
         bundle,
         x,
@@ -604,6 +590,9 @@ def _run_sanity(
         output=kw["output"],
         batch=kw["batch"],
         seed=kw["seed"],
+        layer=kw["layer"],
+        baseline=kw["baseline"],
+        samples=kw["samples"],
     )
     doc = result.to_dict()
     doc.pop("versions", None)

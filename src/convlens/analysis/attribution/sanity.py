@@ -433,6 +433,9 @@ def sanity(
     output: Any = None,
     batch: int | str = "auto",
     device: DeviceLike | None = None,
+    layer: str | None = None,
+    baseline: str | torch.Tensor = "zero",
+    samples: int | None = None,
 ) -> Sanity:
     """Adebayo et al.'s model-parameter randomization test of attribution ``methods``.
 
@@ -441,7 +444,9 @@ def sanity(
     :func:`randomized_copy` with ``units[: k + 1]`` re-initialised (``cascade=True``) or
     only ``units[k]`` (``cascade=False``) is attributed again for the **same** targets
     (``target=None``: the original model's top-1 class, fixed before any randomization).
-    ``steps`` goes to integrated gradients only; ``output`` and ``batch`` to every call.
+    ``steps`` and ``baseline`` go to integrated gradients only, ``layer`` to the CAM
+    methods, ``samples`` (SmoothGrad) to the pixel-space methods, as
+    :func:`convlens.attribute` takes them; ``output`` and ``batch`` to every call.
     ``seed`` seeds the re-initialisation. The user's model is never changed (weights,
     flags, hooks).
 
@@ -478,14 +483,23 @@ def sanity(
     if not unit_list:
         raise ValueError("the model has no unit with parameters to randomize")
 
+    from convlens.analysis.attribution.api import CAM_METHODS
+    from convlens.analysis.attribution.gradients import PIXEL_METHODS
+
     layers: dict[str, str] = {}
 
     def run(m: Any, method: str, tgt: Any) -> Any:
         kw: dict[str, Any] = {"output": output, "batch": batch, "device": device}
         if method == "integrated_gradients":
             kw["steps"] = steps
+            kw["baseline"] = baseline
+        if samples is not None and method in PIXEL_METHODS:
+            kw["samples"] = samples
+            kw["seed"] = seed
         if method in layers:  # a CAM method reads the layer the original map used
             kw["layer"] = layers[method]
+        elif layer is not None and method in CAM_METHODS:
+            kw["layer"] = layer
         return _attribute(m, x, tgt, method, **kw)
 
     # the original maps; the target is fixed by the first of them
@@ -494,7 +508,6 @@ def sanity(
     originals = {names[0]: first}
     for method in names[1:]:
         originals[method] = run(model, method, fixed)
-    from convlens.analysis.attribution.api import CAM_METHODS
 
     for method, a in originals.items():
         if method in CAM_METHODS and getattr(a, "layer", None):
@@ -525,6 +538,8 @@ def sanity(
     settings = {
         "seed": seed,
         "steps": steps,
+        "baseline": baseline if isinstance(baseline, str) else "tensor",
+        "samples": samples,
         "granularity": "direct children holding parameters, containers expanded one level",
         "layers": layers,
         "reinit": "reset_parameters() per module, seeded per unit name",
