@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -47,10 +47,8 @@ _WRITE_ERRNOS = {
     errno_mod.EIO: "the disk reported an I/O error: check it, then rerun; the files already "
     "written are intact and a rerun resumes (convlens examples: with --resume)",
     errno_mod.EROFS: "the folder is on a read-only file system: use another --out",
-    errno_mod.EACCES: "the folder is not writable by you: fix its permissions or use another "
-    "--out",
-    errno_mod.EPERM: "the folder is not writable by you: fix its permissions or use another "
-    "--out",
+    errno_mod.EACCES: "the folder is not writable by you: fix its permissions or use another --out",
+    errno_mod.EPERM: "the folder is not writable by you: fix its permissions or use another --out",
 }
 
 _FAULT_ENV = "CONVLENS_TEST_FAIL_WRITES"
@@ -89,7 +87,9 @@ def _injected_fault() -> None:
     name, _, after = spec.partition(":")
     code = getattr(errno_mod, name.strip(), None)
     if not isinstance(code, int) or not after.strip().isdigit():
-        raise ValueError(f"{_FAULT_ENV}={spec!r}: expected an errno name and a count, e.g. ENOSPC:3")
+        raise ValueError(
+            f"{_FAULT_ENV}={spec!r}: expected an errno name and a count, e.g. ENOSPC:3"
+        )
     with _writes_lock:
         _writes += 1
         n = _writes
@@ -288,7 +288,9 @@ def _create_lock(lock: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def _take_lock(folder: Path, lock: Path, command: str, token: str) -> None:
+def _take_lock(
+    folder: Path, lock: Path, command: str, token: str, note: Callable[[str], None] | None
+) -> None:
     rec = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -332,11 +334,11 @@ def _take_lock(folder: Path, lock: Path, command: str, token: str) -> None:
             continue
         aside.unlink(missing_ok=True)
         who = _describe(other) if other is not None else "an unknown run"
-        warnings.warn(
-            f"took over the lock of {str(folder)!r} from a run that is gone ({who}: {why})",
-            ConvlensWarning,
-            stacklevel=4,
-        )
+        message = f"took over the lock of {str(folder)!r} from a run that is gone ({who}: {why})"
+        if note is not None:
+            note(message)
+        else:
+            warnings.warn(message, ConvlensWarning, stacklevel=5)
     raise FolderLockedError(
         f"could not take the lock {lock}: other runs keep taking it; use another --out"
     )
@@ -349,7 +351,9 @@ def _heartbeat(lock: Path, stop: threading.Event) -> None:
 
 
 @contextlib.contextmanager
-def _local_lock(folder: Path, command: str) -> Iterator[Path]:
+def _local_lock(
+    folder: Path, command: str, note: Callable[[str], None] | None = None
+) -> Iterator[Path]:
     folder = folder.absolute()
     lock = folder / LOCK_NAME
     with _held_lock:
@@ -371,7 +375,7 @@ def _local_lock(folder: Path, command: str) -> Iterator[Path]:
         raise (write_error(e, folder) or e) from None
     token = uuid.uuid4().hex
     try:
-        _take_lock(folder, lock, command, token)
+        _take_lock(folder, lock, command, token, note)
     except OSError as e:
         raise (write_error(e, lock) or e) from None
     with _held_lock:
@@ -392,7 +396,11 @@ def _local_lock(folder: Path, command: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def folder_lock(
-    folder: str | os.PathLike[str], command: str, *, ctx: Any = None
+    folder: str | os.PathLike[str],
+    command: str,
+    *,
+    ctx: Any = None,
+    note: Callable[[str], None] | None = None,
 ) -> Iterator[Path]:
     """Own ``folder`` for the length of the block: one live run writes an output folder.
 
@@ -400,7 +408,8 @@ def folder_lock(
     start time, ``command``); it is removed when the block ends, however it ends (an
     error, Ctrl-C, a SIGTERM handler that raises or exits). If another live run holds
     it, :class:`~convlens.errors.FolderLockedError` names that run. A lock left by a run
-    that is gone is taken over with a :class:`~convlens.errors.ConvlensWarning`: on this
+    that is gone is taken over with a note (``note(message)``; by default a
+    :class:`~convlens.errors.ConvlensWarning`): on this
     host when its pid is not running (or is another process now), from another host when
     it had no heartbeat (the holder touches it every minute) for :data:`LOCK_STALE_AFTER`
     seconds. Under torchrun (``ctx`` a :class:`convlens.distributed.DistContext` of more
@@ -413,7 +422,7 @@ def folder_lock(
     """
     path = Path(folder)
     if ctx is None or getattr(ctx, "world", 1) == 1:
-        with _local_lock(path, command) as lock:
+        with _local_lock(path, command, note) as lock:
             yield lock
         return
     from convlens import distributed
@@ -423,7 +432,7 @@ def folder_lock(
         lock = path.absolute() / LOCK_NAME
         if ctx.is_main:
             try:
-                lock = stack.enter_context(_local_lock(path, command))
+                lock = stack.enter_context(_local_lock(path, command, note))
             except ConvlensError as e:
                 failure = (type(e).__name__, str(e))
                 distributed.all_gather_objects(failure)  # the other ranks raise it too

@@ -163,7 +163,7 @@ def examples_cmd(
     owned = not (dist.is_available() and dist.is_initialized())
     ctx = distributed.context(dev)
     try:
-        with folder_lock(out, "examples", ctx=ctx):  # one live run writes --out
+        with folder_lock(out, "examples", ctx=ctx, note=_note):  # one live run writes --out
             ckpt = out / "examples.ckpt"
             with distributed.main_first(ctx):  # downloads, drawn datasets, stale checkpoints
                 bundle = _load_bundle(model_spec, weights, arch, seed, dev)
