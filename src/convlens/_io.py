@@ -242,6 +242,9 @@ def _stale(raw: bytes, lock: Path) -> tuple[dict[str, Any] | None, str | None]:
         if age < _LOCK_UNREADABLE_GRACE:
             return None, None  # being written by a run that has just started
         return None, "its lock file cannot be read"
+    job = _torchrun_job()
+    if job is not None and rec.get("job") == job:
+        return rec, "an earlier round of this torchrun job (a restart)"
     if rec.get("host") == socket.gethostname():
         pid = int(rec["pid"])
         if pid == os.getpid():
@@ -259,6 +262,13 @@ def _stale(raw: bytes, lock: Path) -> tuple[dict[str, Any] | None, str | None]:
     if age > LOCK_STALE_AFTER:
         return rec, f"no heartbeat for {age:.0f} s (more than {LOCK_STALE_AFTER:.0f} s)"
     return rec, None
+
+
+def _torchrun_job() -> str | None:
+    """The torchrun job this process belongs to (``TORCHELASTIC_RUN_ID``, the same in every
+    restart round), or None outside torchrun or with the shared default id ``none``."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return job if job and job != "none" and "RANK" in os.environ else None
 
 
 def _create_lock(lock: Path, data: bytes) -> None:
@@ -297,6 +307,7 @@ def _take_lock(
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "proc_start": _proc_start(os.getpid()),
+        "job": _torchrun_job(),
         "token": token,
     }
     data = (json.dumps(rec, indent=2) + "\n").encode()
@@ -412,7 +423,8 @@ def folder_lock(
     :class:`~convlens.errors.ConvlensWarning`): on this
     host when its pid is not running (or is another process now), from another host when
     it had no heartbeat (the holder touches it every minute) for :data:`LOCK_STALE_AFTER`
-    seconds. Under torchrun (``ctx`` a :class:`convlens.distributed.DistContext` of more
+    seconds, and at once when it was taken by an earlier round of the same torchrun job
+    (``TORCHELASTIC_RUN_ID``: a restart after a worker died). Under torchrun (``ctx`` a :class:`convlens.distributed.DistContext` of more
     than one rank) rank 0 takes it for the whole job and every rank raises if it could
     not. Re-entrant within a process.
 

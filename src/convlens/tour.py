@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from convlens._io import folder_lock, versions, write_json
+from convlens._io import folder_lock, versions, write_error, write_json
 from convlens.device import DeviceLike, resolve_device
 from convlens.errors import ConvlensError, FolderLockedError, WriteError
 
@@ -1021,6 +1021,8 @@ def _tour(
         except (WriteError, FolderLockedError):
             raise  # a full disk or another run in a folder: not a section's failure
         except (ConvlensError, OSError, ValueError, RuntimeError) as e:
+            if isinstance(e, OSError) and write_error(e, e.filename or out_dir) is not None:
+                raise  # the same for a write outside atomic_open (a dataset cache)
             section.update(
                 status="failed",
                 missing={

@@ -149,7 +149,9 @@ def _write_lock(folder: Path, **rec: Any) -> Path:
     return lock
 
 
-def test_stale_locks_dead_pid_reused_pid_other_host_unreadable(tmp_path: Path) -> None:
+def test_stale_locks_dead_pid_reused_pid_other_host_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def take(folder: Path) -> str:
         with (
             pytest.warns(UserWarning, match="took over the lock") as seen,
@@ -187,6 +189,14 @@ def test_stale_locks_dead_pid_reused_pid_other_host_unreadable(tmp_path: Path) -
         pass
     os.utime(lock, (old, old))
     assert "cannot be read" in take(lock.parent)
+    # a restarted torchrun round: the lock of the same job (even from another host) is its own
+    lock = _write_lock(tmp_path / "e", pid=1, host="node7", job="job-1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")
+    with pytest.raises(FolderLockedError, match="pid 1 on node7"), folder_lock(lock.parent, "x"):
+        pass
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    assert "an earlier round of this torchrun job" in take(lock.parent)
 
 
 def test_the_lock_is_released_on_errors_and_interrupts(tmp_path: Path) -> None:
