@@ -6,8 +6,11 @@ resumable files (the saved pass, each channel's PNGs and JSON) are checked the s
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +18,8 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
@@ -273,3 +278,73 @@ def test_microscope_cli_strict_refuses_a_truncated_png_in_one_line(tmp_path: Pat
     assert_ok(res)
     assert f"convlens: note: {str(png)!r} is truncated" in res.stderr
     assert "rendered 1 channel(s)" in res.stdout
+
+
+# ----------------------------------------------------------------------- two ranks
+
+TIMEOUT_S = 120
+
+
+def _rank(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    timeout = datetime.timedelta(seconds=TIMEOUT_S)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timeout)
+    try:
+        ckpt = Path(out) / "state.pt"
+        report: dict[str, Any] = {}
+        _pass(ckpt)
+        dist.barrier()
+        if rank == 0:  # rank 1's checkpoint loses its end
+            _truncate(Path(out) / "state.pt.rank1-of-2")
+        dist.barrier()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            report["result"] = _numbers(_pass(ckpt))
+        report["notes"] = [str(w.message) for w in seen if w.category is ConvlensWarning]
+        try:  # a 1-process checkpoint (written by the test) and none of this world size
+            _pass(Path(out) / "one.pt")
+        except CheckpointError as e:
+            report["refused"] = str(e)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_one_bad_checkpoint_restarts_that_shard_and_another_world_is_refused(
+    tmp_path: Path, clean: dict
+) -> None:
+    _pass(tmp_path / "one.pt")
+    ctx = mp.start_processes(
+        _rank,
+        args=(2, f"file://{tmp_path / 'init'}", str(tmp_path)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            pytest.fail(f"the 2 ranks did not finish in {TIMEOUT_S} s")
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reports[0]["notes"] == []
+    (note,) = reports[1]["notes"]
+    assert "state.pt.rank1-of-2" in note and "rank 1's shard starts over" in note
+    for r in reports:
+        got = r["result"]
+        got["settings"].pop("world_size")
+        want = json.loads(json.dumps(clean))
+        want["settings"].pop("world_size")
+        for d in (got, want):  # float64 moments merged in another order: checked by value
+            for layer in d["layers"].values():
+                for key in ("m2", "class_sum", "mean"):
+                    layer["_state"].pop(key, None)
+                for ch in layer["channels"]:
+                    for key in ("mean", "std"):
+                        ch["stats"].pop(key)
+                    ch.pop("selectivity"), ch.pop("class_means")
+        assert got == want
+        assert "from a run of 1 process(es), this one has 2" in r["refused"]
+        assert "(without torchrun)" in r["refused"]
