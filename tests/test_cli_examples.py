@@ -116,8 +116,12 @@ def test_resume_and_refusal(tmp_path: Path) -> None:
     assert (out / "examples.ckpt").is_file()
     assert_ok(run(*base, "--k", "3", "--resume"))  # a finished checkpoint: the same result
     assert _numbers(out / "examples.json") == first
-    res = run(*base, "--k", "2", "--resume")
-    assert_one_line_error(res, "other settings", "k 3 (checkpoint) vs 2 (now)")
+    res = run(*base, "--k", "2", "--resume", "--strict")
+    assert_one_line_error(res, "other settings", "k 3 (checkpoint) vs 2 (now)", "--strict")
+    res = run(*base, "--k", "2", "--resume")  # not strict: a note, and a fresh pass
+    assert_ok(res)
+    assert "other settings: k 3 (checkpoint) vs 2 (now); the pass starts over" in res.stderr
+    assert json.loads((out / "examples.json").read_text())["k"] == 2
     assert_ok(run(*base, "--k", "2"))  # without --resume: starts over
     assert json.loads((out / "examples.json").read_text())["k"] == 2
 

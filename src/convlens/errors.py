@@ -7,17 +7,34 @@ read a traceback from deep inside torch.
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
     "ConvlensError",
+    "ConvlensWarning",
     "DatasetError",
+    "FolderLockedError",
     "ImageLoadError",
     "LayerNotFoundError",
     "ModelLoadError",
     "ReportError",
+    "WriteError",
 ]
 
 
 class ConvlensError(Exception):
     """Base class of the errors convlens raises on purpose."""
+
+
+class ConvlensWarning(UserWarning):
+    """A note about files convlens chose not to use: a checkpoint or a resumable file it
+    ignored (and why), a stale lock it took over. The command line prints each as one
+    ``convlens: note:`` line; in Python it is a warning like any other.
+
+    Example:
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     dataset_examples(..., checkpoint="truncated.ckpt")
+        >>> seen[0].category is ConvlensWarning
+        True
+    """
 
 
 class ImageLoadError(ConvlensError, ValueError):
@@ -78,4 +95,44 @@ class ReportError(ConvlensError, ValueError):
 
     Example:
         >>> write_report("tour/")  # ReportError: no report.json in 'tour/'; run `convlens tour --out tour/` ...
+    """
+
+
+class CheckpointError(ConvlensError, ValueError):
+    """A checkpoint or a resumable file cannot be used (truncated, corrupt, another format,
+    other settings, another world size) and the run was told not to start over
+    (``strict=True``, ``--strict``), or cannot start over without losing work.
+
+    Example:
+        >>> dataset_examples(..., checkpoint="out/examples.ckpt", strict=True)
+        CheckpointError: the checkpoint 'out/examples.ckpt' is truncated or corrupt (...)
+    """
+
+
+class WriteError(ConvlensError, OSError):
+    """A file could not be written: the disk is full, failed, or the folder is read-only.
+    The previous file at that path is intact (every write is atomic). ``errno`` and
+    ``filename`` are the failing call's.
+
+    Example:
+        >>> write_json("/full/disk/x.json", {})
+        WriteError: cannot write '/full/disk/x.json': no space left on device (ENOSPC); ...
+    """
+
+    def __init__(self, message: str, errno: int | None, filename: str) -> None:
+        super().__init__(errno, message, filename)
+        self.message = message
+
+    def __str__(self) -> str:  # OSError would print "[Errno 28] ..."
+        return self.message
+
+
+class FolderLockedError(ConvlensError, RuntimeError):
+    """Another live run is writing the output folder. The message names it (pid, host,
+    start time, command) and its lock file.
+
+    Example:
+        >>> with folder_lock("site/", "microscope"):  # while another run holds it
+        ...     pass
+        FolderLockedError: 'site/' is being written by another convlens run (pid 4242 ...
     """

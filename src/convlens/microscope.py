@@ -55,6 +55,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -67,11 +68,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens import distributed
-from convlens._io import atomic_open, versions, write_json
+from convlens._io import atomic_open, folder_lock, versions, write_json
 from convlens.analysis.attribution.result import SCALE_PERCENTILE
 from convlens.capture import model_device
 from convlens.device import DeviceLike, resolve_device
-from convlens.errors import ConvlensError
+from convlens.errors import CheckpointError, ConvlensError, ConvlensWarning
 
 __all__ = ["FORMAT", "microscope"]
 
@@ -174,14 +175,68 @@ def _thumbnail(image: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(image[None], size=size, mode="area")[0]
 
 
-def _finished(marker: Path, files: Sequence[Path]) -> dict[str, Any] | None:
-    """The marker's content when it and every file it vouches for exist, else None."""
-    if not marker.is_file() or not all(f.is_file() for f in files):
-        return None
+#: the last 12 bytes of every complete PNG: the IEND chunk (length 0, type, CRC)
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_problem(path: Path) -> str | None:
+    """Why the PNG at ``path`` is not complete (missing, truncated, not a PNG), else None.
+    Reads its first and last bytes only."""
     try:
-        return json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            size = fh.seek(0, os.SEEK_END)
+            if size < len(_PNG_MAGIC) + len(_PNG_END):
+                return f"truncated ({size} bytes)"
+            fh.seek(size - len(_PNG_END))
+            tail = fh.read()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if head != _PNG_MAGIC:
+        return "not a PNG"
+    if tail != _PNG_END:
+        return f"truncated (no IEND chunk at its end, {size} bytes)"
+    return None
+
+
+def _finished(marker: Path, files: Sequence[Path], strict: bool = False) -> dict[str, Any] | None:
+    """The marker's content when it and every file it vouches for are complete, else
+    None: not started (no marker), or damaged (a marker that is not JSON, a file missing
+    or truncated), which a :class:`ConvlensWarning` names, and the marker is removed so
+    the unit is computed again (``strict``: :class:`CheckpointError` instead)."""
+    if not marker.is_file():
         return None
+    bad: tuple[Path, str] | None = None
+    record: Any = None
+    try:
+        record = json.loads(marker.read_text())
+        if not isinstance(record, dict):
+            bad = (marker, "not a record (a JSON object)")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        bad = (marker, "truncated or not JSON")
+    for f in files if bad is None else ():
+        why = _png_problem(f) if f.suffix == ".png" else (None if f.is_file() else "missing")
+        if why is not None:
+            bad = (f, why)
+            break
+    if bad is None:
+        return record
+    file, why = bad
+    if strict:
+        raise CheckpointError(
+            f"{str(file)!r} is {why}; --strict refuses to redo it: delete {str(marker)!r}, or "
+            "rerun without --strict, to compute that channel again"
+        )
+    warnings.warn(
+        f"{str(file)!r} is {why}: its channel ({marker.name} in {marker.parent}) is computed again",
+        ConvlensWarning,
+        stacklevel=3,
+    )
+    marker.unlink(missing_ok=True)
+    return None
 
 
 # ------------------------------------------------------------------------ the renders
@@ -425,6 +480,7 @@ def _render_units(
     dev: torch.device,
     force: bool,
     progress: bool,
+    strict: bool = False,
 ) -> tuple[int, int]:
     """Render every unfinished unit of ``units`` (this rank's), ``batch`` channels at a
     time; returns ``(rendered, reused)``."""
@@ -441,7 +497,7 @@ def _render_units(
         folder = folders[u.layer]
         files = _render_files(folder, u.channel, plan.diversity)
         marker = folder / f"{u.channel:04d}.json"
-        if not force and _finished(marker, list(files.values())) is not None:
+        if not force and _finished(marker, list(files.values()), strict) is not None:
             reused += 1
             continue
         todo.setdefault(u.layer, []).append(u.channel)
@@ -522,6 +578,7 @@ def _example_units(
     split: str,
     preprocess: Any,
     progress: bool,
+    strict: bool = False,
 ) -> tuple[int, int]:
     """Write each unit's example crops (top with the activation overlaid, the whole top
     images small with the box drawn, bottom); returns ``(written, reused)``."""
@@ -536,7 +593,7 @@ def _example_units(
         k_top = len(result.top(u.layer, u.channel))
         k_bot = len(result.bottom(u.layer, u.channel))
         files = _example_files(folder, u.channel, k_top, k_bot)
-        if not force and _finished(folder / f"{u.channel:04d}.json", files) is not None:
+        if not force and _finished(folder / f"{u.channel:04d}.json", files, strict) is not None:
             reused += 1
             continue
         pending.append(u)
@@ -788,6 +845,7 @@ def _attribution_units(
     dev: torch.device,
     force: bool,
     progress: bool,
+    strict: bool = False,
 ) -> tuple[int, int]:
     """Attribute each unit's top examples to their pixels (``plan``), many (image, unit)
     pairs per forward and backward, the forward stopped at the layer; each unit's overlays
@@ -803,7 +861,7 @@ def _attribution_units(
     for u in units:
         folder = folders[u.layer]
         files = _attr_files(folder, u.channel, len(plan.examples(result, u.layer, u.channel)))
-        if not force and _finished(folder / f"{u.channel:04d}.json", files) is not None:
+        if not force and _finished(folder / f"{u.channel:04d}.json", files, strict) is not None:
             reused += 1
             continue
         todo.setdefault(u.layer, []).append(u)
@@ -1197,6 +1255,7 @@ def microscope(
     title: str | None = None,
     settings: dict[str, Any] | None = None,
     attributions: bool = True,
+    strict: bool = False,
 ) -> Path:
     """Build a browsable static site of every channel of ``layers``: feature
     visualizations beside dataset examples, statistics and connections; returns ``out``.
@@ -1215,6 +1274,14 @@ def microscope(
     crop drives the unit"; as many examples per channel as a quarter of the dataset pass's
     time affords, at least 3); ``False`` skips it.
 
+    Resuming: what an earlier run left in ``out`` (the dataset pass's checkpoint and
+    result, each channel's files) is reused only when complete; a truncated or corrupt
+    file, or a checkpoint of other settings, is named in a
+    :class:`~convlens.errors.ConvlensWarning` and computed again. ``strict``: an unreadable
+    dataset image, or such a file, raises instead. One live run writes ``out`` at a time
+    (:func:`convlens._io.folder_lock`; rank 0's under torchrun): a second one raises
+    :class:`~convlens.errors.FolderLockedError` naming the first.
+
     Example:
         >>> site = microscope(convlens.load_model("efficientnet_lite0"), "photos/",
         ...                   ["blocks.4"], out="site/", steps=128)
@@ -1223,10 +1290,8 @@ def microscope(
     """
     from convlens.analysis._sources import make_source
     from convlens.analysis.examples import (
-        DatasetExamples,
         _fingerprint,
         _ranges,
-        checkpoint_path,
         dataset_examples,
     )
     from convlens.models.layers import unwrap
@@ -1261,183 +1326,211 @@ def microscope(
     out_dir = Path(out)
     dev = distributed.local_device(model_device(net) if device is None else resolve_device(device))
     ctx = distributed.context(dev)
-    if dev != model_device(net):
-        net.to(dev)
-    render_batch = _auto_batch(dev) if batch == "auto" else int(batch)
-    prep = preprocess if preprocess is not None else (bundle.preprocess if bundle else None)
-    source = make_source(data, prep, split=split)
-    weights = _fingerprint(unwrap(net))
-    stages: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    cache = out_dir / "cache"
-    if ctx.is_main:
-        cache.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-
-    # 1. the dataset pass (sharded; every rank gets the merged result)
-    t0 = time.perf_counter()
-    ex_settings = {
-        "weights": weights,
-        "data": _data_key(source),
-        "split": split,
-        "layers": layers,
-        "channels": channels if not isinstance(channels, range) else list(channels),
-        "k": k,
-        "device": dev.type,
-        "format": 2,
-    }
-    ex_key = _key(ex_settings)
-    ex_dir = cache / f"examples-{ex_key}"
-    result: Any = None
-    if not force and (ex_dir / "examples.json").is_file():
-        try:
-            result = DatasetExamples.load(ex_dir)
-        except ConvlensError:
-            result = None
-    if result is None:
-        ckpt = cache / f"examples-{ex_key}.ckpt"
-        if force and ctx.is_main:
-            for p in cache.glob(f"examples-{ex_key}.ckpt*"):
-                p.unlink()
-        distributed.barrier()
-
-        def run_pass() -> Any:
-            return dataset_examples(
-                model,
-                data,
-                layers,
-                k=k,
-                channels=channels,
-                device=dev,
-                progress=progress,
-                checkpoint=ckpt,
-                preprocess=preprocess,
-                split=split,
-            )
-
-        try:
-            result = run_pass()
-        except ConvlensError as e:
-            if "other settings" not in str(e):
-                raise
-            # this rank's checkpoint is from another batch size: start its pass over
-            checkpoint_path(ckpt, ctx).unlink(missing_ok=True)
-            result = run_pass()
-        distributed.barrier()
+    lock = folder_lock(out_dir, "microscope", ctx=ctx)  # one live run writes out
+    with lock:
+        if dev != model_device(net):
+            net.to(dev)
+        render_batch = _auto_batch(dev) if batch == "auto" else int(batch)
+        prep = preprocess if preprocess is not None else (bundle.preprocess if bundle else None)
+        source = make_source(data, prep, split=split)
+        weights = _fingerprint(unwrap(net))
+        stages: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        cache = out_dir / "cache"
         if ctx.is_main:
-            result.save(ex_dir)
-            for p in cache.glob(f"examples-{ex_key}.ckpt*"):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+            cache.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
-        counts["dataset_pass"] = 1
-    else:
-        counts["dataset_pass"] = 0
-    stages["dataset pass"] = time.perf_counter() - t0
-    keys = list(result.layers)
 
-    # 2. the renders, split over the ranks
-    t0 = time.perf_counter()
-    plan = _plan(net, bundle, size, steps, lr, seed, diversity, diversity_weight)
-    r_settings = {**plan.settings, "weights": weights, "device": dev.type, "v": _RENDER_VERSION}
-    dirs = {key: _layer_dir(i, key) for i, key in enumerate(keys)}
-    render_dirs = {
-        key: out_dir / dirs[key] / f"r-{_key({**r_settings, 'layer': key})}" for key in keys
-    }
-    example_dirs = {key: out_dir / dirs[key] / f"e-{ex_key}" for key in keys}
-    units = [_Unit(key, i, c) for i, key in enumerate(keys) for c in result.channels(key)]
-    mine = units[ctx.rank :: ctx.world]
-    rendered, reused = _render_units(
-        net, mine, render_dirs, plan, render_batch, dev, force, progress and ctx.is_main
-    )
-    counts["rendered"], counts["renders_reused"] = rendered, reused
-    stages["renders"] = time.perf_counter() - t0
-
-    # 3. the example crops, split the same way
-    t0 = time.perf_counter()
-    written, ex_reused = _example_units(
-        result, data, net, mine, example_dirs, force, split, preprocess, progress and ctx.is_main
-    )
-    counts["examples_written"], counts["examples_reused"] = written, ex_reused
-    stages["examples"] = time.perf_counter() - t0
-
-    # 4. the attributions of the top examples, split the same way
-    attr_plan = _attr_plan(dev, result.length, len(units), result.k) if attributions else None
-    attr_dirs: dict[str, Path] = {}
-    counts["attributions_written"] = counts["attributions_reused"] = 0
-    if attr_plan is not None:
+        # 1. the dataset pass (sharded; every rank gets the merged result)
         t0 = time.perf_counter()
-        a_key = _key({"examples": ex_key, **attr_plan.settings(), "v": _ATTR_VERSION})
-        attr_dirs = {key: out_dir / dirs[key] / f"a-{a_key}" for key in keys}
-        written, a_reused = _attribution_units(
+        ex_settings = {
+            "weights": weights,
+            "data": _data_key(source),
+            "split": split,
+            "layers": layers,
+            "channels": channels if not isinstance(channels, range) else list(channels),
+            "k": k,
+            "device": dev.type,
+            "format": 2,
+        }
+        ex_key = _key(ex_settings)
+        ex_dir = cache / f"examples-{ex_key}"
+        result: Any = None
+        if not force and (ex_dir / "examples.json").is_file():
+            result = _cached_examples(ex_dir / "examples.json", strict)
+        if result is None:
+            ckpt = cache / f"examples-{ex_key}.ckpt"
+            if force and ctx.is_main:
+                for p in cache.glob(f"examples-{ex_key}.ckpt*"):
+                    p.unlink()
+            distributed.barrier()
+
+            def run_pass() -> Any:
+                return dataset_examples(
+                    model,
+                    data,
+                    layers,
+                    k=k,
+                    channels=channels,
+                    device=dev,
+                    progress=progress,
+                    checkpoint=ckpt,
+                    preprocess=preprocess,
+                    split=split,
+                    strict=strict,
+                )
+
+            # A checkpoint of other settings (a batch size, a format) is named and not used.
+            result = run_pass()
+            distributed.barrier()
+            if ctx.is_main:
+                result.save(ex_dir)
+                for p in cache.glob(f"examples-{ex_key}.ckpt*"):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+            distributed.barrier()
+            counts["dataset_pass"] = 1
+        else:
+            counts["dataset_pass"] = 0
+        stages["dataset pass"] = time.perf_counter() - t0
+        keys = list(result.layers)
+
+        # 2. the renders, split over the ranks
+        t0 = time.perf_counter()
+        plan = _plan(net, bundle, size, steps, lr, seed, diversity, diversity_weight)
+        r_settings = {**plan.settings, "weights": weights, "device": dev.type, "v": _RENDER_VERSION}
+        dirs = {key: _layer_dir(i, key) for i, key in enumerate(keys)}
+        render_dirs = {
+            key: out_dir / dirs[key] / f"r-{_key({**r_settings, 'layer': key})}" for key in keys
+        }
+        example_dirs = {key: out_dir / dirs[key] / f"e-{ex_key}" for key in keys}
+        units = [_Unit(key, i, c) for i, key in enumerate(keys) for c in result.channels(key)]
+        mine = units[ctx.rank :: ctx.world]
+        rendered, reused = _render_units(
+            net, mine, render_dirs, plan, render_batch, dev, force, progress and ctx.is_main, strict
+        )
+        counts["rendered"], counts["renders_reused"] = rendered, reused
+        stages["renders"] = time.perf_counter() - t0
+
+        # 3. the example crops, split the same way
+        t0 = time.perf_counter()
+        written, ex_reused = _example_units(
             result,
-            make_source(data, prep, split=split),
+            data,
             net,
             mine,
-            attr_dirs,
-            attr_plan,
-            dev,
-            force,
-            progress and ctx.is_main,
-        )
-        counts["attributions_written"], counts["attributions_reused"] = written, a_reused
-        stages["attributions"] = time.perf_counter() - t0
-    if ctx.world > 1:
-        gathered = distributed.all_gather_objects(counts)
-        counts = {key: sum(int(g[key]) for g in gathered) for key in counts}
-        times = distributed.all_gather_objects(stages)
-        stages = {key: max(float(t[key]) for t in times) for key in stages}
-    distributed.barrier()
-
-    # 4. the pages, by rank 0
-    if ctx.is_main:
-        shapes = {key: tuple(result.layers[key].shape) for key in keys}
-        conns = _connections(net, keys, shapes)
-        doc = _document(
-            result,
-            keys,
-            dirs,
-            render_dirs,
             example_dirs,
-            attr_dirs,
-            attr_plan,
-            conns,
-            plan,
-            out_dir,
-            bundle,
-            net,
-            {
-                "k": result.k,
-                "steps": steps,
-                "size": size,
-                "diversity": diversity,
-                "diversity_weight": diversity_weight,
-                "batch": render_batch,
-                "seed": seed,
-                "lr": lr,
-                "device": str(dev),
-                "world_size": ctx.world,
-                "dtype": plan.settings["dtype"],
-                "transforms": plan.settings["transforms"],
-                "upsample_to": plan.settings["upsample_to"],
-                "attribution": attr_plan.settings()["method"] if attr_plan else "off",
-                "attribution_top": attr_plan.top if attr_plan else None,
-                "channels": {key: _ranges(result.channels(key)) for key in keys},
-                **(settings or {}),
-            },
-            title,
+            force,
+            split,
+            preprocess,
+            progress and ctx.is_main,
+            strict,
         )
-        doc["work"] = counts
-        stages["pages"] = 0.0
-        doc["stages"] = dict(stages)
-        t_pages = time.perf_counter()
-        write_site(doc, out_dir)
-        stages["pages"] = time.perf_counter() - t_pages
-        doc["stages"] = {**stages, "total": time.perf_counter() - t_start}
-        write_site(doc, out_dir)  # the index page with the pages' own time
-        write_json(out_dir / "microscope.json", doc)
-    distributed.barrier()
+        counts["examples_written"], counts["examples_reused"] = written, ex_reused
+        stages["examples"] = time.perf_counter() - t0
+
+        # 4. the attributions of the top examples, split the same way
+        attr_plan = _attr_plan(dev, result.length, len(units), result.k) if attributions else None
+        attr_dirs: dict[str, Path] = {}
+        counts["attributions_written"] = counts["attributions_reused"] = 0
+        if attr_plan is not None:
+            t0 = time.perf_counter()
+            a_key = _key({"examples": ex_key, **attr_plan.settings(), "v": _ATTR_VERSION})
+            attr_dirs = {key: out_dir / dirs[key] / f"a-{a_key}" for key in keys}
+            written, a_reused = _attribution_units(
+                result,
+                make_source(data, prep, split=split),
+                net,
+                mine,
+                attr_dirs,
+                attr_plan,
+                dev,
+                force,
+                progress and ctx.is_main,
+                strict,
+            )
+            counts["attributions_written"], counts["attributions_reused"] = written, a_reused
+            stages["attributions"] = time.perf_counter() - t0
+        if ctx.world > 1:
+            gathered = distributed.all_gather_objects(counts)
+            counts = {key: sum(int(g[key]) for g in gathered) for key in counts}
+            times = distributed.all_gather_objects(stages)
+            stages = {key: max(float(t[key]) for t in times) for key in stages}
+        distributed.barrier()
+
+        # 4. the pages, by rank 0
+        if ctx.is_main:
+            shapes = {key: tuple(result.layers[key].shape) for key in keys}
+            conns = _connections(net, keys, shapes)
+            doc = _document(
+                result,
+                keys,
+                dirs,
+                render_dirs,
+                example_dirs,
+                attr_dirs,
+                attr_plan,
+                conns,
+                plan,
+                out_dir,
+                bundle,
+                net,
+                {
+                    "k": result.k,
+                    "steps": steps,
+                    "size": size,
+                    "diversity": diversity,
+                    "diversity_weight": diversity_weight,
+                    "batch": render_batch,
+                    "seed": seed,
+                    "lr": lr,
+                    "device": str(dev),
+                    "world_size": ctx.world,
+                    "dtype": plan.settings["dtype"],
+                    "transforms": plan.settings["transforms"],
+                    "upsample_to": plan.settings["upsample_to"],
+                    "attribution": attr_plan.settings()["method"] if attr_plan else "off",
+                    "attribution_top": attr_plan.top if attr_plan else None,
+                    "channels": {key: _ranges(result.channels(key)) for key in keys},
+                    **(settings or {}),
+                },
+                title,
+            )
+            doc["work"] = counts
+            stages["pages"] = 0.0
+            doc["stages"] = dict(stages)
+            t_pages = time.perf_counter()
+            write_site(doc, out_dir)
+            stages["pages"] = time.perf_counter() - t_pages
+            doc["stages"] = {**stages, "total": time.perf_counter() - t_start}
+            write_site(doc, out_dir)  # the index page with the pages' own time
+            write_json(out_dir / "microscope.json", doc)
+        distributed.barrier()
     return out_dir
+
+
+def _cached_examples(path: Path, strict: bool) -> Any:
+    """The dataset pass's saved result, or None (with a note, ``strict``: an error) when
+    it cannot be read: the pass runs again."""
+    from convlens.analysis.examples import DatasetExamples
+
+    try:
+        return DatasetExamples.load(path)
+    except ConvlensError as e:
+        why = str(e).splitlines()[0]
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        why = f"malformed ({type(e).__name__})"
+    if strict:
+        raise CheckpointError(
+            f"the saved dataset pass {str(path)!r} cannot be used: {why}; --strict refuses to "
+            "redo it: delete it, or rerun without --strict, to run the pass again"
+        )
+    warnings.warn(
+        f"ignoring the saved dataset pass {str(path)!r}: {why}; the pass runs again",
+        ConvlensWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 def _document(

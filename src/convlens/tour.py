@@ -49,9 +49,9 @@ from typing import Any
 
 import torch
 
-from convlens._io import versions, write_json
+from convlens._io import folder_lock, versions, write_error, write_json
 from convlens.device import DeviceLike, resolve_device
-from convlens.errors import ConvlensError
+from convlens.errors import ConvlensError, FolderLockedError, WriteError
 
 __all__ = ["SECTIONS", "TourConfig", "tour"]
 
@@ -979,6 +979,19 @@ def tour(
     )
     dev = resolve_device(device)
     out_dir = Path(out)
+    with folder_lock(out_dir, "tour"):  # one live run writes out
+        return _tour(cfg, dev, out_dir, force, progress, echo, only)
+
+
+def _tour(
+    cfg: TourConfig,
+    dev: torch.device,
+    out_dir: Path,
+    force: bool,
+    progress: bool,
+    echo: Callable[[str], None] | None,
+    only: Sequence[str] | None,
+) -> Path:
     (out_dir / "sections").mkdir(parents=True, exist_ok=True)
     say = echo or (lambda s: None)
     ctx = _Ctx(cfg, out_dir, dev, progress)
@@ -1005,7 +1018,11 @@ def tour(
             section.update(status="done", **body)
         except Missing as e:
             section.update(status="missing", missing={"reason": e.reason, "fix": e.fix})
+        except (WriteError, FolderLockedError):
+            raise  # a full disk or another run in a folder: not a section's failure
         except (ConvlensError, OSError, ValueError, RuntimeError) as e:
+            if isinstance(e, OSError) and write_error(e, e.filename or out_dir) is not None:
+                raise  # the same for a write outside atomic_open (a dataset cache)
             section.update(
                 status="failed",
                 missing={

@@ -21,7 +21,7 @@ from convlens.analysis.examples import (
     dataset_examples,
     parse_channels,
 )
-from convlens.errors import ConvlensError, DatasetError, LayerNotFoundError
+from convlens.errors import ConvlensError, ConvlensWarning, DatasetError, LayerNotFoundError
 
 
 def _same_json(a: DatasetExamples, b: DatasetExamples) -> bool:
@@ -297,16 +297,19 @@ def test_state_does_not_grow_with_the_dataset(tmp_path: Path) -> None:
     assert sizes[0] == sizes[1]
 
 
-def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+def test_resume_with_other_settings_starts_over_or_strict_refuses(tmp_path: Path) -> None:
     model, data = tiny_model(), tiny_data(n=10)
     ckpt = tmp_path / "state.pt"
     dataset_examples(model, data, ["conv2"], k=3, progress=False, checkpoint=ckpt)
     with pytest.raises(ConvlensError, match=r"k 3 \(checkpoint\) vs 2 \(now\)"):
-        dataset_examples(model, data, ["conv2"], k=2, progress=False, checkpoint=ckpt)
+        dataset_examples(model, data, ["conv2"], k=2, progress=False, checkpoint=ckpt, strict=True)
     with pytest.raises(ConvlensError, match="reduce"):
         dataset_examples(
-            model, data, ["conv2"], k=3, reduce="mean", progress=False, checkpoint=ckpt
+            model, data, ["conv2"], k=3, reduce="mean", progress=False, checkpoint=ckpt, strict=True
         )
+    with pytest.warns(ConvlensWarning, match=r"k 3 \(checkpoint\) vs 2 \(now\).*starts over"):
+        got = dataset_examples(model, data, ["conv2"], k=2, progress=False, checkpoint=ckpt)
+    assert got.k == 2 and torch.load(ckpt, weights_only=True)["settings"]["k"] == 2
 
 
 def test_running_state_merge_equals_one_pass() -> None:

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import warnings
 import weakref
@@ -48,7 +49,7 @@ from convlens.analysis._sources import LoadFailure, Source, fix_size, make_sourc
 from convlens.analysis.receptive import ReceptiveField, receptive_field
 from convlens.capture import model_device
 from convlens.device import DeviceLike, resolve_device
-from convlens.errors import ConvlensError, DatasetError
+from convlens.errors import CheckpointError, ConvlensError, ConvlensWarning, DatasetError
 from convlens.models.forms import model_dtype
 from convlens.models.layers import LayerRef, evaluating, find_layers, trace_calls
 
@@ -741,20 +742,48 @@ class RunningChannels:
         """The state as CPU tensors (for a checkpoint)."""
         return {k: v.detach().cpu().clone() for k, v in self.t.items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Continue from a :meth:`state_dict`."""
+    def check_state(self, state: Any) -> str | None:
+        """Why ``state`` cannot be loaded into this state (a missing key, a value that is
+        not a tensor, another dtype or shape), or ``None`` when it can.
+
+        Example:
+            >>> st = RunningChannels(channels=4, k=2, device=torch.device("cpu"))
+            >>> st.check_state({"count": 1})
+            'lacks top_scores, top_index, ...'
+        """
+        if not isinstance(state, dict):
+            return f"its state is a {type(state).__name__}, not a dict of tensors"
         missing = [k for k in self.KEYS if k not in state]
         if missing:
-            raise ConvlensError(f"the checkpoint's state lacks {', '.join(missing)}")
+            return f"its state lacks {', '.join(missing)}"
+        for k in self.KEYS:
+            v, want = state[k], self.t[k]
+            if not isinstance(v, torch.Tensor):
+                return f"its {k} is a {type(v).__name__}, not a tensor"
+            if v.dtype != want.dtype:
+                return f"its {k} is {v.dtype}, this run needs {want.dtype}"
+            shape = tuple(v.shape)
+            if k == "class_count":  # one per class seen so far
+                ok = v.dim() == 1
+            elif k == "class_sum":  # [channels, classes seen so far]
+                ok = v.dim() == 2 and shape[0] == want.shape[0]
+            else:
+                ok = shape == tuple(want.shape)
+            if not ok:
+                return f"its {k} has shape {shape}, this run needs {tuple(want.shape)}"
+        n_cls = int(state["class_count"].numel())
+        if int(state["class_sum"].shape[1]) != n_cls:
+            return f"its class_sum has {state['class_sum'].shape[1]} classes, class_count {n_cls}"
+        return None
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from a :meth:`state_dict`; :class:`ConvlensError` when it does not fit
+        (:meth:`check_state` says why)."""
+        why = self.check_state(state)
+        if why is not None:
+            raise ConvlensError(f"the checkpoint does not fit: {why}")
         dev = self.t["mean"].device
         for k in self.KEYS:
-            if tuple(state[k].shape[:1]) != tuple(self.t[k].shape[:1]) and k not in (
-                "class_count",
-            ):
-                raise ConvlensError(
-                    f"the checkpoint's {k} has shape {tuple(state[k].shape)}, this run "
-                    f"needs {tuple(self.t[k].shape)}"
-                )
             self.t[k] = state[k].to(dev)
 
     @staticmethod
@@ -983,39 +1012,132 @@ def checkpoint_path(path: Path, ctx: distributed.DistContext) -> Path:
     return path.with_name(f"{path.name}.rank{ctx.rank}-of-{ctx.world}")
 
 
-def _load_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConvlensError(
-            f"cannot read the checkpoint {str(path)!r} ({type(e).__name__}); delete it to "
-            "start over"
-        ) from None
-    if (
-        isinstance(ck, dict)
-        and isinstance(ck.get("version"), int)
-        and ck["version"] < _CKPT_VERSION
-    ):
-        raise ConvlensError(
-            f"the checkpoint {str(path)!r} was written by an older convlens (format "
-            f"{ck['version']}, now {_CKPT_VERSION}); delete it to start over"
+def _other_world_checkpoints(path: Path, world: int) -> list[tuple[Path, int]]:
+    """Checkpoints beside ``path`` written by a run with another number of processes:
+    ``path`` itself (one process) and ``path.rank{r}-of-{w}`` for ``w != world``."""
+    found: list[tuple[Path, int]] = []
+    if world != 1 and path.is_file():
+        found.append((path, 1))
+    pattern = re.compile(re.escape(path.name) + r"\.rank(\d+)-of-(\d+)")
+    if path.parent.is_dir():
+        for p in sorted(path.parent.iterdir()):
+            m = pattern.fullmatch(p.name)
+            if m and int(m[2]) != world and p.is_file():
+                found.append((p, int(m[2])))
+    return found
+
+
+def _checkpoint_problem(
+    ck: Any, settings: dict[str, Any], targets: list[_Target], batches: list[range]
+) -> tuple[str, str] | None:
+    """Why the checkpoint ``ck`` cannot be continued by this run, and how to continue it
+    (``None``: it can). Checks the format, the settings, and that every value has the type
+    and shape this run needs and adds up (images scored plus skipped = images read)."""
+    if not isinstance(ck, dict) or not {"version", "states", "settings"} <= set(ck):
+        return "is not a convlens examples checkpoint", ""
+    if ck["version"] != _CKPT_VERSION:
+        from convlens import __version__
+
+        by = f"convlens {ck['convlens']}" if isinstance(ck.get("convlens"), str) else "a convlens"
+        return (
+            f"was written by {by} in checkpoint format {ck['version']!r}; this convlens "
+            f"({__version__}) reads format {_CKPT_VERSION}",
+            "resume it with the convlens that wrote it",
         )
-    if not isinstance(ck, dict) or ck.get("version") != _CKPT_VERSION:
-        raise ConvlensError(f"{str(path)!r} is not a convlens examples checkpoint; delete it")
-    old = ck.get("settings", {})
+    old = ck["settings"]
+    if not isinstance(old, dict):
+        return "has no settings", ""
     diffs = [
         f"{key} {old.get(key)!r} (checkpoint) vs {settings.get(key)!r} (now)"
         for key in sorted(set(old) | set(settings))
         if old.get(key) != settings.get(key)
     ]
     if diffs:
-        raise ConvlensError(
-            f"the checkpoint {str(path)!r} was made with other settings: {'; '.join(diffs)}; "
-            "rerun with the same settings, or without resuming to start over"
+        return f"was made with other settings: {'; '.join(diffs)}", "rerun with the same settings"
+    nb, done = ck.get("next_batch"), ck.get("done")
+    if isinstance(nb, bool) or not isinstance(nb, int) or not 0 <= nb <= len(batches):
+        return f"is corrupt: next_batch {nb!r} is not a batch from 0 to {len(batches)}", ""
+    if not isinstance(done, bool) or done != (nb == len(batches)):
+        return f"is corrupt: done {done!r} with batch {nb} of {len(batches)}", ""
+    skipped = ck.get("skipped")
+    if not isinstance(skipped, list) or not all(
+        isinstance(e, (list, tuple)) and len(e) == 3 and isinstance(e[0], int) for e in skipped
+    ):
+        return "is corrupt: its list of skipped images is malformed", ""
+    states = ck["states"]
+    if not isinstance(states, dict):
+        return "is corrupt: its states are not a dict", ""
+    read = sum(len(b) for b in batches[:nb])
+    for t in targets:
+        if t.key not in states:
+            return f"is corrupt: it has no state for {t.key!r}", ""
+        why = _state(t).check_state(states[t.key])
+        if why is not None:
+            return f"is corrupt: {t.key}: {why}", ""
+        count = float(states[t.key]["count"])
+        if count + len(skipped) != read:
+            return (
+                f"is corrupt: {t.key} scored {count:.0f} images and {len(skipped)} were skipped, "
+                f"but batch {nb} means {read} were read",
+                "",
+            )
+    return None
+
+
+def _load_checkpoint(
+    path: Path,
+    settings: dict[str, Any],
+    targets: list[_Target],
+    batches: list[range],
+    strict: bool,
+    who: str = "the pass",
+) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` when this run can continue it; ``None`` when there is
+    none, or (with a :class:`ConvlensWarning` naming the file and why) when it cannot be
+    used and ``who`` starts over; :class:`CheckpointError` instead with ``strict``."""
+    if not path.is_file():
+        return None
+    problem: tuple[str, str] | None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        problem = (f"cannot be read: truncated or corrupt ({type(e).__name__})", "")
+    else:
+        problem = _checkpoint_problem(ck, settings, targets, batches)
+    if problem is None:
+        return ck
+    why, fix = problem
+    if strict:
+        start_over = "delete it or rerun without --strict to start over"
+        raise CheckpointError(
+            f"the checkpoint {str(path)!r} {why}; --strict refuses to start over: "
+            + (f"{fix} to continue it, or {start_over}" if fix else start_over)
         )
-    return ck
+    warnings.warn(
+        f"ignoring the checkpoint {str(path)!r}: it {why}; {who} starts over",
+        ConvlensWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+def _refuse_other_world(path: Path, ctx: distributed.DistContext) -> None:
+    """A run of another world size left checkpoints and this rank has none: refuse. A
+    rank's state is a summary (top-k, moments, histogram) of its shard
+    ``range(rank, N, world)``; it cannot be split by image index into other shards."""
+    if checkpoint_path(path, ctx).is_file():
+        return
+    found = _other_world_checkpoints(path, ctx.world)
+    if not found:
+        return
+    file, world = found[0]
+    raise CheckpointError(
+        f"the checkpoint {str(file)!r} is from a run of {world} process(es), this one has "
+        f"{ctx.world}: a rank's state summarises its shard range(rank, N, {world}) and cannot "
+        f"be re-sharded by image index; to continue it rerun with {world} process(es)"
+        + (f" (torchrun --nproc-per-node {world})" if world > 1 else " (without torchrun)")
+        + f", or delete {path}* to start over"
+    )
 
 
 def _save_checkpoint(
@@ -1026,8 +1148,11 @@ def _save_checkpoint(
     skipped: list[Skipped],
     done: bool,
 ) -> None:
+    from convlens import __version__
+
     ck = {
         "version": _CKPT_VERSION,
+        "convlens": __version__,
         "settings": settings,
         "next_batch": next_batch,
         "done": done,
@@ -1257,14 +1382,19 @@ def dataset_examples(
     ``Dataset`` of images or ``(image, label)``, or a folder (sub-folders per class, or a
     flat folder of images). Files are decoded once per pass with :func:`convlens.load_image`
     on ``workers`` threads (default: the CPU count, at most 8); an unreadable one is skipped
-    with a warning naming it (``strict=True`` raises instead).
+    with a warning naming it (``strict=True`` raises instead, for a checkpoint too).
 
     Each image's score for a channel is its maximum over positions (``reduce="max"``) or
     its mean (``"mean"``); the position of the maximum is kept either way. ``channels``
     (a list, ``"0-15"``, or ``{layer: ...}``) limits what is collected. ``k`` larger than
     the dataset is clamped (with a warning). ``checkpoint=PATH`` writes the state
-    atomically every ``checkpoint_every`` images and continues from it when it exists
-    (with the same settings: other settings are refused, naming the difference).
+    atomically every ``checkpoint_every`` images and continues from it when it exists. A
+    checkpoint that cannot be continued (truncated or corrupt, another checkpoint format,
+    other settings) is never used: a :class:`~convlens.errors.ConvlensWarning` names the
+    file and why and the pass starts over (``strict=True``: a
+    :class:`~convlens.errors.CheckpointError` instead). Checkpoints of a run with another
+    number of processes are refused (a rank's state cannot be split by image index): rerun
+    with that many, or delete them.
 
     Under ``torchrun`` or in an initialised process group each rank reads
     ``range(rank, N, world)`` on its ``LOCAL_RANK`` GPU, and the merged result (on every
@@ -1333,7 +1463,9 @@ def dataset_examples(
     start = 0
     ckpt = checkpoint_path(Path(checkpoint), ctx) if checkpoint is not None else None
     if ckpt is not None:
-        ck = _load_checkpoint(ckpt, settings)
+        _refuse_other_world(Path(checkpoint), ctx)  # type: ignore[arg-type]
+        who = "the pass" if ctx.world == 1 else f"rank {ctx.rank}'s shard"
+        ck = _load_checkpoint(ckpt, settings, targets, batches, strict, who)
         if ck is not None:
             for t in targets:
                 _state(t).load_state_dict(ck["states"][t.key])

@@ -53,6 +53,13 @@ def _handle_errors(fn: F) -> F:
                 else str(e.args[0])
             )
             raise BadInput(msg.splitlines()[0] if msg else type(e).__name__) from None
+        except OSError as e:  # a full disk or a read-only folder outside atomic_open
+            from convlens._io import write_error
+
+            wrapped = write_error(e, e.filename if e.filename is not None else "a file")
+            if wrapped is None:
+                raise
+            raise BadInput(str(wrapped)) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -64,6 +71,28 @@ def _note(message: str) -> None:
         click.echo(f"convlens: note: {message}", err=True)
     else:
         ctx.meta.setdefault("convlens.notes", []).append(message)
+
+
+def _note_warnings(caught: list[Any], is_main: bool, skip: set[str] | None = None) -> None:
+    """Warnings recorded around an API call, as notes: on rank 0 all of them (but those in
+    ``skip`` and the per-image ``skipped ...`` ones), on the other ranks only the
+    :class:`~convlens.errors.ConvlensWarning` ones (a rank's own checkpoint), printed now
+    with the rank, since only rank 0 prints the notes at the end."""
+    import os
+
+    from convlens.errors import ConvlensWarning
+
+    seen = set(skip or ())
+    for w in caught:
+        text = str(w.message)
+        if text in seen or text.startswith("skipped "):
+            continue
+        seen.add(text)
+        if is_main:
+            _note(text)
+        elif issubclass(w.category, ConvlensWarning):
+            rank = os.environ.get("RANK", "?")
+            click.echo(f"convlens: note (rank {rank}): {text}", err=True)
 
 
 def _show_notes() -> None:

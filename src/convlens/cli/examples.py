@@ -17,6 +17,7 @@ from convlens.cli._group import (
     _load_bundle,
     _model_options,
     _note,
+    _note_warnings,
     _out_option,
     _safe_name,
     _wrote,
@@ -106,7 +107,13 @@ def _dataset_options(fn: F) -> F:
 )
 @_out_option(Path("out/examples"), "examples.json and examples_<layer>.png go here.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option("--strict", is_flag=True, help="Fail on an unreadable image instead of skipping it.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Fail on an unreadable image instead of skipping it, and on a --resume checkpoint "
+    "that cannot be used (truncated, corrupt, another format, other settings) instead of "
+    "starting over with a note.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_model_options
 @_device_option
@@ -141,6 +148,7 @@ def examples_cmd(
     import torch.distributed as dist
 
     from convlens import distributed
+    from convlens._io import folder_lock
     from convlens.analysis.examples import checkpoint_path, dataset_examples, parse_channels
     from convlens.device import resolve_device
     from convlens.models.zoo import default_layers
@@ -155,66 +163,65 @@ def examples_cmd(
     owned = not (dist.is_available() and dist.is_initialized())
     ctx = distributed.context(dev)
     try:
-        ckpt = out / "examples.ckpt"
-        with distributed.main_first(ctx):  # downloads, drawn datasets, stale checkpoints
-            bundle = _load_bundle(model_spec, weights, arch, seed, dev)
-            data = _examples_data(data_spec, split, progress=not quiet and ctx.is_main)
-            if ctx.is_main and not resume:
-                for stale in [ckpt, *out.glob("examples.ckpt.rank*")]:
-                    stale.unlink(missing_ok=True)
-        if resume and not checkpoint_path(ckpt, ctx).is_file() and ctx.is_main:
-            _note(f"--resume: no checkpoint in {out}, starting from the beginning")
-        names = names or default_layers(bundle)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = dataset_examples(
-                bundle,
-                data,
-                names,
-                k=k,
-                reduce=reduce,  # type: ignore[arg-type]
-                batch_size=int(batch_size) if batch_size != "auto" else "auto",
-                device=dev,
-                progress=not quiet,
-                checkpoint=ckpt,
-                channels=chans,
-                split=split,
-                strict=strict,
-                workers=workers,
+        with folder_lock(out, "examples", ctx=ctx, note=_note):  # one live run writes --out
+            ckpt = out / "examples.ckpt"
+            with distributed.main_first(ctx):  # downloads, drawn datasets, stale checkpoints
+                bundle = _load_bundle(model_spec, weights, arch, seed, dev)
+                data = _examples_data(data_spec, split, progress=not quiet and ctx.is_main)
+                if ctx.is_main and not resume:
+                    for stale in [ckpt, *out.glob("examples.ckpt.rank*")]:
+                        stale.unlink(missing_ok=True)
+            if resume and not checkpoint_path(ckpt, ctx).is_file() and ctx.is_main:
+                _note(f"--resume: no checkpoint in {out}, starting from the beginning")
+            names = names or default_layers(bundle)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = dataset_examples(
+                    bundle,
+                    data,
+                    names,
+                    k=k,
+                    reduce=reduce,  # type: ignore[arg-type]
+                    batch_size=int(batch_size) if batch_size != "auto" else "auto",
+                    device=dev,
+                    progress=not quiet,
+                    checkpoint=ckpt,
+                    channels=chans,
+                    split=split,
+                    strict=strict,
+                    workers=workers,
+                )
+            _note_warnings(caught, ctx.is_main)
+            if not ctx.is_main:
+                return
+            if result.skipped:
+                _note(
+                    f"{len(result.skipped)} unreadable image(s) skipped, listed in examples.json "
+                    f"(first: {result.skipped[0].path or result.skipped[0].index}: "
+                    f"{result.skipped[0].reason})"
+                )
+            s = result.settings
+            click.echo(
+                f"{bundle.description} on {result.dataset} ({result.length} images"
+                + (f", {len(result.skipped)} skipped" if result.skipped else "")
+                + f"), {s['seconds']:.1f} s ({s['images_per_second']:.0f} images/s), "
+                f"{ctx.world} process(es), {s['device']}"
             )
-        if not ctx.is_main:
-            return
-        for w in caught:
-            if not str(w.message).startswith("skipped "):
-                _note(str(w.message))
-        if result.skipped:
-            _note(
-                f"{len(result.skipped)} unreadable image(s) skipped, listed in examples.json "
-                f"(first: {result.skipped[0].path or result.skipped[0].index}: "
-                f"{result.skipped[0].reason})"
-            )
-        s = result.settings
-        click.echo(
-            f"{bundle.description} on {result.dataset} ({result.length} images"
-            + (f", {len(result.skipped)} skipped" if result.skipped else "")
-            + f"), {s['seconds']:.1f} s ({s['images_per_second']:.0f} images/s), "
-            f"{ctx.world} process(es), {s['device']}"
-        )
-        written = [result.save(out)]
-        for key, le in result.layers.items():
-            rf = le.receptive
-            field = (
-                f"receptive field {rf.size[0]}x{rf.size[1]} px, stride {rf.stride[0]}"
-                if rf is not None and rf.bounded
-                else "receptive field: the whole image"
-            )
-            top = result.top(key, le.channels[0])
-            best = f"; channel {le.channels[0]}'s top image #{top[0].index}" if top else ""
-            click.echo(f"{key}: {len(le.channels)} channels, {field}{best}")
-            drawn = le.channels if chans is not None else le.channels[:16]
-            fig = plot_examples(result, data, key, list(drawn))
-            written.append(save_figure(fig, out / f"examples_{_safe_name(key)}.png"))
-        _wrote(written)
+            written = [result.save(out)]
+            for key, le in result.layers.items():
+                rf = le.receptive
+                field = (
+                    f"receptive field {rf.size[0]}x{rf.size[1]} px, stride {rf.stride[0]}"
+                    if rf is not None and rf.bounded
+                    else "receptive field: the whole image"
+                )
+                top = result.top(key, le.channels[0])
+                best = f"; channel {le.channels[0]}'s top image #{top[0].index}" if top else ""
+                click.echo(f"{key}: {len(le.channels)} channels, {field}{best}")
+                drawn = le.channels if chans is not None else le.channels[:16]
+                fig = plot_examples(result, data, key, list(drawn))
+                written.append(save_figure(fig, out / f"examples_{_safe_name(key)}.png"))
+            _wrote(written)
     finally:
         if owned and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

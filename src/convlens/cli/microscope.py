@@ -15,6 +15,7 @@ from convlens.cli._group import (
     _load_bundle,
     _model_options,
     _note,
+    _note_warnings,
     _out_option,
     _wrote,
     main,
@@ -82,6 +83,13 @@ QUICK = {"channels": "0-15", "steps": 32, "k": 6, "diversity": 2}
     help="A first look in minutes on a laptop CPU: one middle layer, channels 0-15, 32 "
     "steps, k 6, 2 diversity images (options you give win).",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Fail on an unreadable image instead of skipping it, and on a file an earlier run "
+    "left in --out that cannot be used (a truncated or corrupt checkpoint, saved pass, PNG "
+    "or JSON; a checkpoint of other settings) instead of computing it again with a note.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_model_options
 @_device_option
@@ -103,6 +111,7 @@ def microscope_cmd(
     out: Path,
     force: bool,
     quick: bool,
+    strict: bool,
     quiet: bool,
     weights: str,
     arch: str | None,
@@ -115,10 +124,14 @@ def microscope_cmd(
     attribution), statistics, a histogram and connections. Open
     OUT/index.html from disk; no network, no JavaScript.
 
-    Resumable: a rerun skips finished channels (--force recomputes). Runs unchanged under
+    Resumable: a rerun skips finished channels (--force recomputes); what is truncated or
+    corrupt is named and computed again (--strict: refused). One run writes --out at a
+    time: a second one is refused, naming the first. Runs unchanged under
     torchrun: the dataset pass is sharded, the channels are split over the ranks, rank 0
     writes the pages. --seed seeds the renders (and a random init).
     """
+    import warnings
+
     import torch.distributed as dist
 
     from convlens import distributed
@@ -159,37 +172,43 @@ def microscope_cmd(
             bundle = _load_bundle(model_spec, weights, arch, seed, dev)
             data = _examples_data(data_spec, split, progress=not quiet and ctx.is_main)
         names = names or [featurevis_layer(bundle)]
-        site = microscope(
-            bundle,
-            data,
-            names,
-            out=out,
-            channels=chans,
-            k=k,
-            steps=steps,
-            size=size,
-            diversity=diversity,
-            diversity_weight=diversity_weight,
-            batch=int(batch) if batch != "auto" else "auto",
-            device=dev,
-            force=force,
-            seed=seed,
-            lr=lr,
-            split=split,
-            progress=not quiet,
-            settings={"quick": quick, "model_spec": model_spec, "data_spec": data_spec},
-            attributions=attributions,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            site = microscope(
+                bundle,
+                data,
+                names,
+                out=out,
+                channels=chans,
+                k=k,
+                steps=steps,
+                size=size,
+                diversity=diversity,
+                diversity_weight=diversity_weight,
+                batch=int(batch) if batch != "auto" else "auto",
+                device=dev,
+                force=force,
+                seed=seed,
+                lr=lr,
+                split=split,
+                progress=not quiet,
+                settings={"quick": quick, "model_spec": model_spec, "data_spec": data_spec},
+                attributions=attributions,
+                strict=strict,
+            )
         if not ctx.is_main:
+            _note_warnings(caught, False)
             return
-        _summary(site)
+        doc_notes = _summary(site)
+        _note_warnings(caught, True, skip=doc_notes)
         _wrote([site / "index.html", site / "microscope.json"])
     finally:
         if owned and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _summary(site: Path) -> None:
+def _summary(site: Path) -> set[str]:
+    """Print the site's summary and notes; returns the notes."""
     import json
 
     doc: dict[str, Any] = json.loads((site / "microscope.json").read_text())
@@ -204,3 +223,4 @@ def _summary(site: Path) -> None:
     click.echo(f"{timing}; rendered {work['rendered']} channel(s), reused {work['renders_reused']}")
     for note in doc.get("notes", []):
         _note(note)
+    return set(doc.get("notes", []))

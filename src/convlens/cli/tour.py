@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from convlens.cli._group import _device_option, _handle_errors, _out_option, _wrote, main
+from convlens.cli._group import (
+    _device_option,
+    _handle_errors,
+    _note_warnings,
+    _out_option,
+    _wrote,
+    main,
+)
 
 
 @main.command("tour")
@@ -64,22 +71,31 @@ def tour_cmd(
     device: str,
 ) -> None:
     """The whole course as one report: every figure, with the numbers behind it."""
+    import warnings
+
+    from convlens.errors import ConvlensWarning
     from convlens.tour import tour
 
     t0 = time.perf_counter()
-    html = tour(
-        quick=quick,
-        data=data_spec,
-        model=model_spec,
-        images=[*images, *more_images],
-        epochs=epochs,
-        steps=steps,
-        out=out,
-        force=force,
-        seed=seed,
-        device=device,
-        progress=not quiet,
-        echo=click.echo,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvlensWarning)
+        html = tour(
+            quick=quick,
+            data=data_spec,
+            model=model_spec,
+            images=[*images, *more_images],
+            epochs=epochs,
+            steps=steps,
+            out=out,
+            force=force,
+            seed=seed,
+            device=device,
+            progress=not quiet,
+            echo=click.echo,
+        )
+    for w in caught:  # notes for files and locks; any other warning as Python shows it
+        if not issubclass(w.category, ConvlensWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    _note_warnings([w for w in caught if issubclass(w.category, ConvlensWarning)], True)
     click.echo(f"done in {time.perf_counter() - t0:.0f} s")
     _wrote([html, out / "report.json"])
