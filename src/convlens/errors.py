@@ -13,6 +13,7 @@ __all__ = [
     "LayerNotFoundError",
     "ModelLoadError",
     "ReportError",
+    "ResourceError",
 ]
 
 
@@ -78,4 +79,15 @@ class ReportError(ConvlensError, ValueError):
 
     Example:
         >>> write_report("tour/")  # ReportError: no report.json in 'tour/'; run `convlens tour --out tour/` ...
+    """
+
+
+class ResourceError(ConvlensError, ValueError):
+    """A setting asks for more than the machine or the layer holds (an image size, a
+    batch, a channel); raised before anything is allocated, with the estimate, the limit
+    and the value that fits.
+
+    Example:
+        >>> microscope(model, "photos/", ["blocks.4"], out="site", size=100000)
+        ResourceError: --size 100000: an image of 100000 px ... needs ~120 GB; this machine has 23 GB available: use --size <= 3400
     """

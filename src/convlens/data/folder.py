@@ -142,9 +142,7 @@ def _extension(name: str) -> str:
     return ext or "without extension"
 
 
-def _class_files(
-    class_dir: str, skipped: dict[str, int], loops: list[str]
-) -> list[str]:
+def _class_files(class_dir: str, skipped: dict[str, int], loops: list[str]) -> list[str]:
     """The image files below ``class_dir`` in torchvision's order
     (``sorted(os.walk(class_dir, followlinks=True))``, sorted names), without walking a
     directory that is its own ancestor (a symlink loop: listed in ``loops``)."""
@@ -174,9 +172,7 @@ def _class_files(
     return files
 
 
-def scan_image_folder(
-    root: str | os.PathLike[str], *, flat: bool = True
-) -> FolderScan:
+def scan_image_folder(root: str | os.PathLike[str], *, flat: bool = True) -> FolderScan:
     """Read ``root`` as ``torchvision.datasets.ImageFolder(root, allow_empty=True)`` does:
     ``classes``, ``class_to_idx`` and ``samples`` (paths and targets, in order) are its.
 

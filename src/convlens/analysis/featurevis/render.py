@@ -498,6 +498,67 @@ def score(
         return _values(obj, acts, img.shape[0]).detach().cpu()
 
 
+def _check_fits(
+    net: nn.Module,
+    obj: Objective,
+    size: int | tuple[int, int],
+    n: int,
+    snapshots: int,
+    steps: int,
+    channels: int,
+    dtype: torch.dtype,
+    dev: torch.device,
+    upsample: bool | int | None,
+    bundle: Any,
+) -> None:
+    """Refuse, before anything is allocated, a ``size``, ``batch`` or ``steps`` whose
+    render cannot fit: at least the convolution outputs up to the objective's deepest
+    layer for every image, the snapshots and the per-step trace, against the free memory.
+    """
+    from convlens._memory import activation_bytes, available_memory, format_bytes
+    from convlens.errors import ResourceError
+
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if min(h, w) < 1 or n < 1:
+        return  # ImageParam names it
+    up = _upsample_size(upsample, bundle, (h, w)) or 0
+    modules = dict(net.named_modules())
+    layers: list[str | None] = [n for n in obj.layers if n.partition("#")[0] in modules]
+    if not obj.layers or any(n.partition("#")[0] in (INPUT, OUTPUT) for n in obj.layers):
+        layers.append(None)  # the whole model
+    if not layers:
+        return  # an unknown layer: the forward names it
+
+    def need(hh: int, ww: int, rows: int) -> float:
+        side_h, side_w = max(hh + 24, up), max(ww + 24, up)
+        act = max(
+            activation_bytes(net, (channels, side_h, side_w), dtype, until=layer)
+            for layer in layers
+        )
+        return rows * (act + 4.0 * channels * hh * ww * (snapshots + 1)) + 4.0 * steps * rows
+
+    free = available_memory(dev)
+    total = need(h, w, n)
+    if total <= free:
+        return
+    trace = 4.0 * steps * n  # the per-step values of every image
+    if need(8, 8, n) - trace > free:
+        culprit, fix = f"batch {n}", f"use batch <= {max(1, int(free // (total / n)))}"
+    elif trace > free / 2:
+        culprit, fix = f"steps {steps}", f"use steps <= {int(free / 2 // (4.0 * n))}"
+    else:
+        lo, hi = 8, max(h, w) - 1
+        while lo < hi:  # the largest side that fits
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if need(min(h, mid), min(w, mid), n) <= free else (lo, mid - 1)
+        culprit, fix = f"size {max(h, w)}", f"use size <= {lo} (or a smaller batch)"
+    where = "this machine" if dev.type == "cpu" else str(dev)
+    raise ResourceError(
+        f"{culprit}: rendering {n} image(s) of {h}x{w} px for {steps} steps needs at least "
+        f"{format_bytes(total)}; {where} has {format_bytes(free)} available: {fix}"
+    )
+
+
 def render(
     model: Any,
     objective: Objective | str,
@@ -591,6 +652,7 @@ def render(
     transform, transform_text = _transforms(transforms)
     gen = torch.Generator().manual_seed(int(seed))  # CPU: the same draws on every device
     if param is None:
+        _check_fits(net, obj, size, n, len(ts), ts[-1], channels, dtype, dev, upsample, bundle)
         param = ImageParam(
             size, batch=n, fft=fft, decorrelate=decorrelate, generator=gen, channels=channels
         )
