@@ -20,7 +20,20 @@ from torch import nn
 
 from convlens.errors import ResourceError
 
-__all__ = ["activation_bytes", "available_memory", "check_fits", "format_bytes"]
+__all__ = [
+    "ACTIVATION_RATIO",
+    "activation_bytes",
+    "available_memory",
+    "check_fits",
+    "format_bytes",
+    "may_exceed",
+]
+
+#: A bound on the bytes a network holds per byte of its input (efficientnet_lite0 up to
+#: blocks.4: ~40 in its convolution outputs; VGG16 whole: ~90): below ``free / 1000`` of
+#: input nothing is traced, so the checks cost nothing (and never run the model) at
+#: ordinary sizes.
+ACTIVATION_RATIO = 1000
 
 #: the side of the real (not meta) probe when a model cannot run on the meta device
 _PROBE_SIDE = 64
@@ -175,6 +188,17 @@ def activation_bytes(
         scale = (h * w) / (side_h * side_w)
         total, most = total * scale, most * scale
     return size * (total if backward else most)
+
+
+def may_exceed(input_bytes: float, free: int, extra: float = 0.0) -> bool:
+    """Whether inputs of ``input_bytes`` (plus ``extra`` bytes) could need more than
+    ``free`` bytes through any network: only then is the model traced.
+
+    Example:
+        >>> may_exceed(56 * 3 * 152 * 152 * 4, 24 * 10**9)
+        False
+    """
+    return input_bytes * ACTIVATION_RATIO + extra > free
 
 
 def check_fits(

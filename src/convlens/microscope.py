@@ -1178,7 +1178,7 @@ def _check_render_memory(
     """Refuse, before anything is allocated, a ``size`` or ``batch`` whose render batch
     cannot fit: at least the convolution outputs up to the layer, for every row of the
     batch, against the free memory (the least of any rank's). Names the value that fits."""
-    from convlens._memory import activation_bytes, available_memory, format_bytes
+    from convlens._memory import activation_bytes, available_memory, format_bytes, may_exceed
     from convlens.analysis.featurevis.render import _upsample_size
     from convlens.models.forms import input_channels, model_dtype
 
@@ -1192,6 +1192,10 @@ def _check_render_memory(
     free = available_memory(dev)
     if distributed.context(dev).world > 1:
         free = min(int(v) for v in distributed.all_gather_objects(free))
+
+    side0 = max(size + 24, _upsample_size(True, bundle, (size, size)) or 0)
+    if not may_exceed(4.0 * rows * chans * side0 * side0, free):
+        return
 
     def need(side_px: int, layer: str) -> float:
         side = max(side_px + 24, _upsample_size(True, bundle, (side_px, side_px)) or 0)

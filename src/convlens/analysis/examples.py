@@ -1137,15 +1137,17 @@ def _check_batch_memory(
     """Refuse, before the first batch is allocated, a batch size whose forward cannot fit:
     at least the batch itself and the largest convolution output, for every row, against
     the free memory (the least of any rank's)."""
-    from convlens._memory import activation_bytes, available_memory, format_bytes
+    from convlens._memory import activation_bytes, available_memory, format_bytes, may_exceed
     from convlens.errors import ResourceError
 
     size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
     per_row = 4.0 * math.prod(item_shape) + size * math.prod(item_shape)
-    per_row += activation_bytes(net, item_shape, dtype, backward=False)
     free = available_memory(dev)
     if ctx.world > 1:
         free = min(int(v) for v in distributed.all_gather_objects(free))
+    if not may_exceed(bs * per_row, free):
+        return
+    per_row += activation_bytes(net, item_shape, dtype, backward=False)
     if bs * per_row > free:
         shape = "x".join(str(int(v)) for v in item_shape)
         where = "this machine" if dev.type == "cpu" else str(dev)

@@ -515,7 +515,7 @@ def _check_fits(
     render cannot fit: at least the convolution outputs up to the objective's deepest
     layer for every image, the snapshots and the per-step trace, against the free memory.
     """
-    from convlens._memory import activation_bytes, available_memory, format_bytes
+    from convlens._memory import activation_bytes, available_memory, format_bytes, may_exceed
     from convlens.errors import ResourceError
 
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -538,6 +538,9 @@ def _check_fits(
         return rows * (act + 4.0 * channels * hh * ww * (snapshots + 1)) + 4.0 * steps * rows
 
     free = available_memory(dev)
+    side_h, side_w = max(h + 24, up), max(w + 24, up)
+    if not may_exceed(4.0 * n * channels * side_h * side_w, free, 4.0 * steps * n):
+        return
     total = need(h, w, n)
     if total <= free:
         return
