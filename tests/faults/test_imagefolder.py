@@ -238,3 +238,26 @@ def test_examples_cli_reads_nested_classes_and_prints_the_notes(tmp_path: Path) 
     notes = [ln for ln in r.stderr.splitlines() if ln.startswith("convlens: note:")]
     assert any("'empty'" in n and "index 0" in n for n in notes), r.stderr
     assert any("1 file(s)" in n and ".txt" in n for n in notes), r.stderr
+
+
+def test_train_and_attribute_print_the_scans_notes(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    for split in ("train", "val"):
+        for i in range(2):
+            _png(root / split / "a" / f"{i}.png", i, size=32)
+            _png(root / split / "b" / "deep" / f"{i}.png", 10 + i, size=32)
+        (root / split / "c").mkdir()
+    (root / "train" / "a" / "notes.txt").write_text("x")
+    r = run(
+        "train", "--data", str(root), "--epochs", "1", "--device", "cpu", "--quiet",
+        "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert_ok(r)
+    assert "3 classes" in r.stdout  # a, b (nested), c (empty, its index kept)
+    assert "'c'" in r.stderr and "index 2" in r.stderr and "1 .txt" in r.stderr
+    r = run(
+        "attribute", "--model", "simple_cnn", "--device", "cpu", "--data", str(root / "val"),
+        "--methods", "saliency", "--out", str(tmp_path / "at"),
+    )  # fmt: skip
+    assert_ok(r)
+    assert "class folder 'c'" in r.stderr and "index 2" in r.stderr

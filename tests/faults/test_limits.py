@@ -181,3 +181,41 @@ def test_examples_k_above_the_dataset_is_clamped_with_a_note(photos: Path, tmp_p
     )  # fmt: skip
     assert_ok(r)
     assert "k=100 is more than the dataset's 6 images: clamped to k=6" in r.stderr
+
+
+def test_attribute_absurd_steps_is_one_line_before_numpy_allocates(
+    photos: Path, tmp_path: Path
+) -> None:
+    """numpy's Gauss-Legendre nodes for 10^9 steps would build a 10^9 x 10^9 matrix."""
+    t0 = time.perf_counter()
+    r = run(
+        "attribute", *SMALL[:4], "--image", str(photos / "a" / "1.png"), "--steps",
+        "1000000000", "--methods", "integrated_gradients", "--out", str(tmp_path / "at"),
+    )  # fmt: skip
+    assert time.perf_counter() - t0 < 60
+    assert_one_line_error(r, "steps 1000000000", "needs at least", "use steps <= ")
+
+
+def test_ig_points_up_to_the_limit_are_unchanged() -> None:
+    from convlens.analysis.attribution.gradients import ig_points
+
+    alphas, weights = ig_points(1001)  # above the cheap bound: checked, fits, computed
+    assert alphas.shape == (1001,) and abs(float(weights.sum()) - 1.0) < 1e-12
+
+
+def test_train_batch_beyond_memory_is_one_line_before_decoding(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    data = tmp_path / "set"
+    shutil.copytree(photos, data / "train")
+    shutil.copytree(photos, data / "val")
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1_000_000)
+    r = run(
+        "train", "--data", str(data), "--epochs", "1", "--batch-size", "1000000000",
+        "--device", "cpu", "--quiet", "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    line = assert_one_line_error(r, "batch size 1000000000", "6 crops of 128 px", "1.0 MB")
+    assert "use batch size <= " in line
+    assert not (tmp_path / "run" / "model.pt").exists()
