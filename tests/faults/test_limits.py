@@ -219,3 +219,23 @@ def test_train_batch_beyond_memory_is_one_line_before_decoding(
     line = assert_one_line_error(r, "batch size 1000000000", "6 crops of 128 px", "1.0 MB")
     assert "use batch size <= " in line
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_under_torchrun_every_rank_refuses_alike_and_the_job_ends(
+    photos: Path, tmp_path: Path
+) -> None:
+    """2 ranks take the least free memory of any rank (one all_gather before the pass),
+    so they refuse together: no rank waits forever in a collective for the other."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "convlens", "microscope", "--size", "100000", *SMALL]
+    cmd += ["--data", str(photos), "--out", str(tmp_path / "site")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert time.perf_counter() - t0 < 200
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("convlens: error: ")]
+    assert errors, proc.stderr[-3000:]
+    assert all(e == errors[0] for e in errors)
+    assert errors[0].startswith("convlens: error: size 100000: one render batch")
+    assert not (tmp_path / "site" / "cache").exists()
