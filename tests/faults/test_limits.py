@@ -239,3 +239,31 @@ def test_under_torchrun_every_rank_refuses_alike_and_the_job_ends(
     assert all(e == errors[0] for e in errors)
     assert errors[0].startswith("convlens: error: size 100000: one render batch")
     assert not (tmp_path / "site" / "cache").exists()
+
+
+def test_visualize_channels_beyond_the_layer_are_refused_before_allocating(
+    tmp_path: Path,
+) -> None:
+    """``conv1:0-100000`` would be 100001 images: refused with the layer's count (this
+    used to build a quadratic description and be killed at 23 GB)."""
+    t0 = time.perf_counter()
+    r = run(
+        "visualize", *SMALL[:4], "--quiet", "--objective", "conv1:0-100000", "--size", "32",
+        "--steps", "2", "--out", str(tmp_path / "v"),
+    )  # fmt: skip
+    assert time.perf_counter() - t0 < 60
+    assert_one_line_error(r, "channel 100000 of layer 'conv1'", "16 channels (0-15)")
+
+
+def test_a_parsed_channel_range_sums_as_before_and_past_the_recursion_limit() -> None:
+    from convlens.analysis.featurevis.objectives import channel, parse
+
+    acts = torch.randn(5, 7, 4, 4)
+    flat = parse("conv:0-4")
+    nested = sum(channel("conv", c, batch=i) for i, c in enumerate(range(5)))
+    assert torch.equal(flat(lambda _: acts), nested(lambda _: acts))  # type: ignore[operator]
+    assert flat.min_batch == 5 and flat.max_channel == ("conv", 4)
+    assert str(flat) == "channel(conv, 0-4, one per image)"
+    big = parse("conv:0-2999")  # 3000 terms: one loop, no nested closures
+    many = torch.randn(3000, 3000, 1, 1)
+    assert big(lambda _: many).shape == (3000,)

@@ -498,6 +498,35 @@ def score(
         return _values(obj, acts, img.shape[0]).detach().cpu()
 
 
+def _check_channel(
+    net: nn.Module, obj: Objective, channels: int, hw: tuple[int, int], dtype: torch.dtype
+) -> None:
+    """A parsed spec's largest channel against the layer's count, from one trace of one
+    image (on the meta device when the model allows): ``"layer:0-100000"`` is refused
+    before 100001 images are allocated, not in the first forward."""
+    from convlens.models.layers import trace_calls
+
+    if obj.max_channel is None:
+        return
+    layer, top = obj.max_channel
+    base, _, call = layer.partition("#")
+    if base not in dict(net.named_modules()):
+        return  # the forward names an unknown layer
+    try:
+        got = trace_calls(net, (1, channels, *hw), [base], dtype=dtype)[base]
+    except Exception:  # the model cannot run at this size: the render will say why
+        return
+    k = int(call) if call.isdigit() else len(got) - 1
+    shape = got[k] if 0 <= k < len(got) else None
+    if shape is None or len(shape) < 2:
+        return
+    c = shape[1]
+    if top >= c:
+        raise ValueError(
+            f"channel {top} of layer {layer!r} does not exist: it has {c} channels (0-{c - 1})"
+        )
+
+
 def _check_fits(
     net: nn.Module,
     obj: Objective,
@@ -521,6 +550,8 @@ def _check_fits(
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if min(h, w) < 1 or n < 1:
         return  # ImageParam names it
+    if n > 64:  # a small batch meets the forward's own check at no cost
+        _check_channel(net, obj, channels, (min(h, 224), min(w, 224)), dtype)
     up = _upsample_size(upsample, bundle, (h, w)) or 0
     modules = dict(net.named_modules())
     layers: list[str | None] = [n for n in obj.layers if n.partition("#")[0] in modules]
