@@ -16,6 +16,7 @@ __all__ = [
     "LayerNotFoundError",
     "ModelLoadError",
     "ReportError",
+    "ResourceError",
     "WriteError",
 ]
 
@@ -135,4 +136,15 @@ class FolderLockedError(ConvlensError, RuntimeError):
         >>> with folder_lock("site/", "microscope"):  # while another run holds it
         ...     pass
         FolderLockedError: 'site/' is being written by another convlens run (pid 4242 ...
+    """
+
+
+class ResourceError(ConvlensError, ValueError):
+    """A setting asks for more than the machine or the layer holds (an image size, a
+    batch, a channel); raised before anything is allocated, with the estimate, the limit
+    and the value that fits.
+
+    Example:
+        >>> microscope(model, "photos/", ["blocks.4"], out="site", size=100000)
+        ResourceError: --size 100000: an image of 100000 px ... needs ~120 GB; this machine has 23 GB available: use --size <= 3400
     """

@@ -72,7 +72,7 @@ from convlens._io import atomic_open, folder_lock, versions, write_json
 from convlens.analysis.attribution.result import SCALE_PERCENTILE
 from convlens.capture import model_device
 from convlens.device import DeviceLike, resolve_device
-from convlens.errors import CheckpointError, ConvlensError, ConvlensWarning
+from convlens.errors import CheckpointError, ConvlensError, ConvlensWarning, ResourceError
 
 __all__ = ["FORMAT", "microscope"]
 
@@ -1224,6 +1224,68 @@ def _data_key(source: Any) -> str:
     return fp
 
 
+def _check_render_memory(
+    net: nn.Module,
+    bundle: Any,
+    layers: Sequence[str],
+    size: int,
+    batch: int,
+    diversity: int,
+    dev: torch.device,
+) -> None:
+    """Refuse, before anything is allocated, a ``size`` or ``batch`` whose render batch
+    cannot fit: at least the convolution outputs up to the layer, for every row of the
+    batch, against the free memory (the least of any rank's). Names the value that fits."""
+    from convlens._memory import activation_bytes, available_memory, format_bytes, may_exceed
+    from convlens.analysis.featurevis.render import _upsample_size
+    from convlens.models.forms import input_channels, model_dtype
+
+    modules = dict(net.named_modules())
+    known = [name for name in layers if name.partition("#")[0] in modules]
+    if not known:
+        return  # an unknown layer: the dataset pass names it
+    per = len(_KINDS) + diversity
+    rows = batch * per
+    chans, dtype = input_channels(net, bundle), model_dtype(net)
+    free = available_memory(dev)
+    if distributed.context(dev).world > 1:
+        free = min(int(v) for v in distributed.all_gather_objects(free))
+
+    side0 = max(size + 24, _upsample_size(True, bundle, (size, size)) or 0)
+    if not may_exceed(4.0 * rows * chans * side0 * side0, free):
+        return
+
+    def need(side_px: int, layer: str) -> float:
+        side = max(side_px + 24, _upsample_size(True, bundle, (side_px, side_px)) or 0)
+        return rows * activation_bytes(net, (chans, side, side), dtype, until=layer)
+
+    worst = max(known, key=lambda name: need(size, name))
+    total = need(size, worst)
+    if total <= free:
+        return
+    lo, hi = 8, size - 1
+    culprit = f"size {size}"
+    if need(lo, worst) > free:
+        culprit = f"batch {batch}"
+        fit = int(free // (total / batch))
+        fix = (
+            f"use batch <= {fit}"
+            if fit >= 1
+            else "this layer's renders do not fit one channel at a time; use an earlier layer"
+        )
+    else:
+        while lo < hi:  # the largest size that fits
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if need(mid, worst) <= free else (lo, mid - 1)
+        fix = f"use size <= {lo} (or a smaller batch)"
+    where = "this machine" if dev.type == "cpu" else str(dev)
+    raise ResourceError(
+        f"{culprit}: one render batch ({batch} channel(s) x {per} images of {size} px) "
+        f"at {worst!r} needs at least {format_bytes(total)}; {where} has "
+        f"{format_bytes(free)} available: {fix}"
+    )
+
+
 def _auto_batch(dev: torch.device) -> int:
     """Channels per render batch: 8 on a CPU, 32 on a GPU."""
     return 32 if dev.type in ("cuda", "mps") else 8
@@ -1326,11 +1388,13 @@ def microscope(
     out_dir = Path(out)
     dev = distributed.local_device(model_device(net) if device is None else resolve_device(device))
     ctx = distributed.context(dev)
+    render_batch = _auto_batch(dev) if batch == "auto" else int(batch)
+    # before anything is written or allocated
+    _check_render_memory(net, bundle, layers, size, render_batch, diversity, dev)
     lock = folder_lock(out_dir, "microscope", ctx=ctx)  # one live run writes out
     with lock:
         if dev != model_device(net):
             net.to(dev)
-        render_batch = _auto_batch(dev) if batch == "auto" else int(batch)
         prep = preprocess if preprocess is not None else (bundle.preprocess if bundle else None)
         source = make_source(data, prep, split=split)
         weights = _fingerprint(unwrap(net))

@@ -310,6 +310,30 @@ def _resolve_config(recipe: str, overrides: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+def _check_batch_memory(model: nn.Module, data: Any, batch_size: int, dev: torch.device) -> None:
+    """Refuse, before the cache is decoded, a batch whose forward and backward cannot fit:
+    at least every convolution's output for each row, against the free memory."""
+    from convlens._memory import activation_bytes, available_memory, format_bytes, may_exceed
+    from convlens.errors import ResourceError
+
+    spec = getattr(data, "spec", None)
+    if spec is None:
+        return
+    rows = min(batch_size, len(data))
+    shape = (3, int(spec.crop), int(spec.crop))
+    free = available_memory(dev)
+    if not may_exceed(4.0 * rows * math.prod(shape), free):
+        return
+    per_row = activation_bytes(model, shape) + 4.0 * math.prod(shape)
+    if rows * per_row > free:
+        where = "this machine" if dev.type == "cpu" else str(dev)
+        raise ResourceError(
+            f"batch size {batch_size}: a training batch of {rows} crops of {shape[1]} px "
+            f"needs at least {format_bytes(rows * per_row)}; {where} has "
+            f"{format_bytes(free)} available: use batch size <= {max(1, int(free // per_row))}"
+        )
+
+
 def train(
     model: nn.Module,
     train_data: ImageFolderData,
@@ -369,6 +393,7 @@ def train(
     model.to(dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    _check_batch_memory(model, train_data, cfg.batch_size, dev)
 
     train_cache = (
         decode_cache(train_data, strict=strict, progress=progress)

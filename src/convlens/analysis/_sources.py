@@ -48,14 +48,6 @@ class LoadFailure(Exception):
         super().__init__(f"cannot read {where}: {reason}")
 
 
-def _image_files(folder: Path) -> list[Path]:
-    from convlens.data.folder import IMAGE_EXTENSIONS
-
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
 @dataclass
 class Source:
     """Indexed inputs: ``load(i)`` gives ``(tensor [C, H, W], label or None, path or None)``.
@@ -199,29 +191,23 @@ def _files_source(
 
 
 def _folder_source(path: Path, preprocess: Preprocessing | None) -> Source:
+    """A folder as torchvision's ``ImageFolder`` reads it (class folders, images at any
+    depth), or a flat folder of images (no labels); the scan's notes become the source's."""
     from convlens.data._imagenette import WNID_TO_NAME
+    from convlens.data.folder import scan_image_folder
 
     if not path.is_dir():
         raise DatasetError(
             f"no folder {str(path)!r}: give a folder of images, one with a sub-folder per "
             "class, shapes or imagenette"
         )
-    subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-    labelled = [d for d in subdirs if _image_files(d)]
-    if labelled:
-        ids = [d.name for d in labelled]
-        files: list[tuple[Path, int | None]] = [
-            (p, label) for label, d in enumerate(labelled) for p in _image_files(d)
-        ]
-        classes: list[str] | None = [WNID_TO_NAME.get(c, c.replace("_", " ")) for c in ids]
-    else:
-        files = [(p, None) for p in _image_files(path)]
-        classes = None
-    if not files:
-        raise DatasetError(
-            f"{str(path)!r} has no images (.jpg, .png, ...) in it or in its sub-folders"
-        )
-    return _files_source(path.name or str(path), files, classes, preprocess)
+    scan = scan_image_folder(path)
+    classes: list[str] | None = None
+    if scan.labelled:
+        classes = [WNID_TO_NAME.get(c, c.replace("_", " ")) for c in scan.classes]
+    source = _files_source(path.name or str(path), scan.samples, classes, preprocess)
+    source.notes.extend(scan.notes)
+    return source
 
 
 def _dataset_source(data: Any, preprocess: Preprocessing | None) -> Source:
@@ -229,13 +215,16 @@ def _dataset_source(data: Any, preprocess: Preprocessing | None) -> Source:
     classes = getattr(data, "classes", None)
     classes = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
     samples = getattr(data, "samples", None)
+    data_notes = [str(m) for m in getattr(data, "notes", None) or [] if isinstance(m, str)]
     if preprocess is not None and isinstance(samples, list) and samples:
         first = samples[0]
         if isinstance(first, tuple) and len(first) == 2 and isinstance(first[0], (str, Path)):
             # Files with labels (ImageFolderData, torchvision's ImageFolder): decoded and
             # given the model's own preprocessing instead of the dataset's transform.
             files = [(Path(p), _label_of(lab)) for p, lab in samples]
-            return _files_source(name, files, classes, preprocess)
+            source = _files_source(name, files, classes, preprocess)
+            source.notes.extend(data_notes)
+            return source
     n = len(data)
 
     def path_of(i: int) -> str | None:
@@ -273,6 +262,7 @@ def _dataset_source(data: Any, preprocess: Preprocessing | None) -> Source:
         _display=_displayer(norm),
         _path_of=path_of,
         preprocessed=preprocess is not None,
+        notes=data_notes,
     )
 
 

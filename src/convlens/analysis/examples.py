@@ -1251,6 +1251,38 @@ def _state(t: _Target) -> RunningChannels:
     return t.state
 
 
+def _check_batch_memory(
+    net: nn.Module,
+    item_shape: Sequence[int],
+    dtype: torch.dtype,
+    bs: int,
+    dev: torch.device,
+    ctx: distributed.DistContext,
+) -> None:
+    """Refuse, before the first batch is allocated, a batch size whose forward cannot fit:
+    at least the batch itself and the largest convolution output, for every row, against
+    the free memory (the least of any rank's)."""
+    from convlens._memory import activation_bytes, available_memory, format_bytes, may_exceed
+    from convlens.errors import ResourceError
+
+    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    per_row = 4.0 * math.prod(item_shape) + size * math.prod(item_shape)
+    free = available_memory(dev)
+    if ctx.world > 1:
+        free = min(int(v) for v in distributed.all_gather_objects(free))
+    if not may_exceed(bs * per_row, free):
+        return
+    per_row += activation_bytes(net, item_shape, dtype, backward=False)
+    if bs * per_row > free:
+        shape = "x".join(str(int(v)) for v in item_shape)
+        where = "this machine" if dev.type == "cpu" else str(dev)
+        raise ResourceError(
+            f"batch size {bs}: a batch of {bs} images of {shape} needs at least "
+            f"{format_bytes(bs * per_row)}; {where} has {format_bytes(free)} available: use "
+            f"batch size <= {max(1, int(free // per_row))}"
+        )
+
+
 def _fill_batch(
     state: dict[str, Any],
     xs: list[torch.Tensor],
@@ -1436,6 +1468,8 @@ def dataset_examples(
     targets = _resolve_targets(net, layers, input_shape, channels, dtype)
     notes: list[str] = []
     n = len(source)
+    bs = min(bs, n)  # never more rows than images: a batch is padded to bs rows
+    _check_batch_memory(net, item_shape, dtype, bs, dev, ctx)
     k_eff = k
     if k > n:
         k_eff = n

@@ -384,6 +384,9 @@ def attribute_cmd(
         skipped = sorted((s for p in parts for s in p[1]), key=lambda s: s["index"])
         for msg in sorted({m for p in parts for m in p[2]}):
             _note(msg)
+        if data_spec is not None:
+            for msg in source.notes:  # what the folder scan skipped or kept
+                _note(msg)
         if not entries:
             raise BadInput(f"no image could be read ({len(skipped)} tried)")
         method_settings = entries[0]["settings"]

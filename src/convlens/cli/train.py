@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from convlens.cli._group import _device_option, _handle_errors, _out_option, _wrote, main
+from convlens.cli._group import _device_option, _handle_errors, _note, _out_option, _wrote, main
 
 
 @main.command("train")
@@ -84,6 +84,8 @@ def train_cmd(
     dev = resolve_device(device)
     size_arg: int | str = int(size) if size.isdigit() else size
     train_data, val_data = load_data(data_spec, size=size_arg, progress=not quiet)
+    for note in dict.fromkeys([*train_data.notes, *val_data.notes]):
+        _note(note)  # what the folder scan skipped or kept (empty classes, other files)
     model = build_architecture(arch, len(train_data.classes), seed=seed)
     click.echo(
         f"training {arch} on {train_data.name}: {len(train_data)} train / {len(val_data)} "

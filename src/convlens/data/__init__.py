@@ -17,7 +17,13 @@ from convlens.data._imagenette import IMAGENETTE_URLS, WNID_TO_NAME, imagenette_
 from convlens.data._shapes import SHAPE_CLASSES, draw_shape, generate_shapes
 from convlens.data.cache import DecodedImages, decode_cache
 from convlens.data.download import convlens_home, download, safe_extract
-from convlens.data.folder import COURSE_SPEC, ImageFolderData, TransformSpec
+from convlens.data.folder import (
+    COURSE_SPEC,
+    FolderScan,
+    ImageFolderData,
+    TransformSpec,
+    scan_image_folder,
+)
 from convlens.data.loader import BatchLoader
 from convlens.errors import DatasetError
 
@@ -29,6 +35,7 @@ __all__ = [
     "WNID_TO_NAME",
     "BatchLoader",
     "DecodedImages",
+    "FolderScan",
     "ImageFolderData",
     "TransformSpec",
     "convlens_home",
@@ -41,6 +48,7 @@ __all__ = [
     "imagenette_root",
     "load_data",
     "safe_extract",
+    "scan_image_folder",
     "shapes",
 ]
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +29,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from convlens._memory import _cgroup_free, available_memory  # noqa: F401 (their old home)
 from convlens.device import DeviceLike, resolve_device
 from convlens.models.forms import (
     HOOK_TABLES,
@@ -242,65 +242,6 @@ def fast_model(
 
 
 # ------------------------------------------------------------------------ memory
-
-
-def _cgroup_free() -> int | None:
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        ),
-    ):
-        try:
-            with open(limit_file) as fh:
-                raw = fh.read().strip()
-            if raw == "max":
-                return None
-            limit = int(raw)
-            if limit >= 2**60:
-                return None
-            with open(usage_file) as fh:
-                usage = int(fh.read().strip())
-            return max(0, limit - usage)
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes the device can still give: CUDA's free memory, else the system's available
-    memory (``MemAvailable``, capped by a container's cgroup limit); 4 GiB when unknown.
-
-    Example:
-        >>> available_memory(torch.device("cpu")) > 0
-        True
-    """
-    if device.type == "cuda":
-        cuda_free, _total = torch.cuda.mem_get_info(device)
-        return int(cuda_free)
-    if device.type == "mps":
-        mps = getattr(torch, "mps", None)
-        try:
-            return int(mps.recommended_max_memory() - mps.current_allocated_memory())  # type: ignore[union-attr]
-        except Exception:
-            return 4 * 2**30
-    free: int | None = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if free is None:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            free = 4 * 2**30
-    group = _cgroup_free()
-    return int(min(free, group) if group is not None else free)
 
 
 # model -> {(input shape, dtype, stop layer): bytes one row holds in a forward + backward}

@@ -14,6 +14,7 @@ difference is ``delta``, reported per image.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,33 @@ PIXEL_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "guided
 IG_RULES = ("gausslegendre", "riemann_trapezoid")
 
 
+def _check_points(steps: int, rule: str) -> None:
+    """Refuse, before numpy allocates it, a number of points the machine cannot hold:
+    Gauss-Legendre's nodes come from the eigenvalues of a ``steps x steps`` matrix
+    (numpy's ``leggauss``: ``8 steps^2`` bytes at least, and ``steps^3`` time); the
+    trapezoid's are two ``steps``-long float64 vectors."""
+    if steps <= 1000:
+        return
+    from convlens._memory import available_memory, format_bytes
+    from convlens.errors import ResourceError
+
+    free = available_memory(torch.device("cpu"))
+    if rule == "gausslegendre":
+        need = 8.0 * steps * steps
+        most = math.isqrt(int(free // 8))
+        what = f"Gauss-Legendre's {steps} x {steps} matrix"
+    else:
+        need = 16.0 * steps
+        most = int(free // 16)
+        what = f"{steps} trapezoid points"
+    if need > free:
+        raise ResourceError(
+            f"steps {steps}: {what} needs at least {format_bytes(need)}; this machine has "
+            f"{format_bytes(free)} available: use steps <= {most} (50 to a few hundred is "
+            "usual; Gauss-Legendre's nodes take ~steps^3 time)"
+        )
+
+
 def ig_points(steps: int, rule: str = "gausslegendre") -> tuple[torch.Tensor, torch.Tensor]:
     """``(alphas, weights)`` of the integral over ``[0, 1]``: Gauss-Legendre nodes and
     weights (exact for polynomials of degree ``2 * steps - 1``), or the trapezoid rule on
@@ -39,6 +67,7 @@ def ig_points(steps: int, rule: str = "gausslegendre") -> tuple[torch.Tensor, to
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    _check_points(steps, rule)
     if rule == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(steps)
         return torch.from_numpy((nodes + 1) / 2), torch.from_numpy(weights / 2)

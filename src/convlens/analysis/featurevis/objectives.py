@@ -89,6 +89,9 @@ class Objective:
         self.min_batch = int(min_batch)
         #: a short label per batch image, set by :func:`parse` for ``"layer:0-9"``
         self.labels: list[str] | None = None
+        #: ``(layer, largest channel)`` a :func:`parse`\ d spec reads, checked against the
+        #: layer before a render allocates anything
+        self.max_channel: tuple[str, int] | None = None
         self._prec = _prec  # 1: a sum, 2: a product, 3: an atom (for parentheses)
 
     def __call__(self, acts: Activations) -> torch.Tensor:
@@ -515,14 +518,30 @@ def parse(spec: str | Objective) -> Objective:
     if m.group("y") is not None:
         if len(chans) != 1:
             raise ValueError(f"{spec!r}: a neuron (@y,x) takes one channel, not {len(chans)}")
-        return neuron(layer, chans[0], x=int(m.group("x")), y=int(m.group("y")))
+        obj = neuron(layer, chans[0], x=int(m.group("x")), y=int(m.group("y")))
+        obj.max_channel = (layer, chans[0])
+        return obj
 
     def make(c: int, b: int | None) -> Objective:
         return class_logit(c, batch=b) if layer == "output" else channel(layer, c, batch=b)
 
     if len(chans) == 1:
-        return make(chans[0], None)
-    total: Objective = sum(make(c, i) for i, c in enumerate(chans))  # type: ignore[assignment]
+        one = make(chans[0], None)
+        one.max_channel = None if layer == "output" else (layer, chans[0])
+        return one
+    # the sum p0 + p1 + ... evaluated left to right in one loop: the same numbers as
+    # sum(parts), without nesting one closure (and one description) per channel, which
+    # grew quadratically and passed Python's recursion limit near 1000 channels
+    parts = [make(c, i) for i, c in enumerate(chans)]
+
+    def summed(acts: Activations) -> torch.Tensor:
+        v = parts[0].fn(acts)
+        for p in parts[1:]:
+            v = v + p.fn(acts)
+        return v
+
+    total = Objective(summed, parts[0].layers, min_batch=len(chans), _prec=1)
+    total.max_channel = None if layer == "output" else (layer, max(chans))
     what = "class_logit(" if layer == "output" else f"channel({layer}, "
     total.description = f"{what}{_compact(chans)}, one per image)"
     total._prec = 3

@@ -498,6 +498,101 @@ def score(
         return _values(obj, acts, img.shape[0]).detach().cpu()
 
 
+def _check_channel(
+    net: nn.Module, obj: Objective, channels: int, hw: tuple[int, int], dtype: torch.dtype
+) -> None:
+    """A parsed spec's largest channel against the layer's count, from one trace of one
+    image (on the meta device when the model allows): ``"layer:0-100000"`` is refused
+    before 100001 images are allocated, not in the first forward."""
+    from convlens.models.layers import trace_calls
+
+    if obj.max_channel is None:
+        return
+    layer, top = obj.max_channel
+    base, _, call = layer.partition("#")
+    if base not in dict(net.named_modules()):
+        return  # the forward names an unknown layer
+    try:
+        got = trace_calls(net, (1, channels, *hw), [base], dtype=dtype)[base]
+    except Exception:  # the model cannot run at this size: the render will say why
+        return
+    k = int(call) if call.isdigit() else len(got) - 1
+    shape = got[k] if 0 <= k < len(got) else None
+    if shape is None or len(shape) < 2:
+        return
+    c = shape[1]
+    if top >= c:
+        raise ValueError(
+            f"channel {top} of layer {layer!r} does not exist: it has {c} channels (0-{c - 1})"
+        )
+
+
+def _check_fits(
+    net: nn.Module,
+    obj: Objective,
+    size: int | tuple[int, int],
+    n: int,
+    snapshots: int,
+    steps: int,
+    channels: int,
+    dtype: torch.dtype,
+    dev: torch.device,
+    upsample: bool | int | None,
+    bundle: Any,
+) -> None:
+    """Refuse, before anything is allocated, a ``size``, ``batch`` or ``steps`` whose
+    render cannot fit: at least the convolution outputs up to the objective's deepest
+    layer for every image, the snapshots and the per-step trace, against the free memory.
+    """
+    from convlens._memory import activation_bytes, available_memory, format_bytes, may_exceed
+    from convlens.errors import ResourceError
+
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if min(h, w) < 1 or n < 1:
+        return  # ImageParam names it
+    if n > 64:  # a small batch meets the forward's own check at no cost
+        _check_channel(net, obj, channels, (min(h, 224), min(w, 224)), dtype)
+    up = _upsample_size(upsample, bundle, (h, w)) or 0
+    modules = dict(net.named_modules())
+    layers: list[str | None] = [n for n in obj.layers if n.partition("#")[0] in modules]
+    if not obj.layers or any(n.partition("#")[0] in (INPUT, OUTPUT) for n in obj.layers):
+        layers.append(None)  # the whole model
+    if not layers:
+        return  # an unknown layer: the forward names it
+
+    def need(hh: int, ww: int, rows: int) -> float:
+        side_h, side_w = max(hh + 24, up), max(ww + 24, up)
+        act = max(
+            activation_bytes(net, (channels, side_h, side_w), dtype, until=layer)
+            for layer in layers
+        )
+        return rows * (act + 4.0 * channels * hh * ww * (snapshots + 1)) + 4.0 * steps * rows
+
+    free = available_memory(dev)
+    side_h, side_w = max(h + 24, up), max(w + 24, up)
+    if not may_exceed(4.0 * n * channels * side_h * side_w, free, 4.0 * steps * n):
+        return
+    total = need(h, w, n)
+    if total <= free:
+        return
+    trace = 4.0 * steps * n  # the per-step values of every image
+    if need(8, 8, n) - trace > free:
+        culprit, fix = f"batch {n}", f"use batch <= {max(1, int(free // (total / n)))}"
+    elif trace > free / 2:
+        culprit, fix = f"steps {steps}", f"use steps <= {int(free / 2 // (4.0 * n))}"
+    else:
+        lo, hi = 8, max(h, w) - 1
+        while lo < hi:  # the largest side that fits
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if need(min(h, mid), min(w, mid), n) <= free else (lo, mid - 1)
+        culprit, fix = f"size {max(h, w)}", f"use size <= {lo} (or a smaller batch)"
+    where = "this machine" if dev.type == "cpu" else str(dev)
+    raise ResourceError(
+        f"{culprit}: rendering {n} image(s) of {h}x{w} px for {steps} steps needs at least "
+        f"{format_bytes(total)}; {where} has {format_bytes(free)} available: {fix}"
+    )
+
+
 def render(
     model: Any,
     objective: Objective | str,
@@ -591,6 +686,7 @@ def render(
     transform, transform_text = _transforms(transforms)
     gen = torch.Generator().manual_seed(int(seed))  # CPU: the same draws on every device
     if param is None:
+        _check_fits(net, obj, size, n, len(ts), ts[-1], channels, dtype, dev, upsample, bundle)
         param = ImageParam(
             size, batch=n, fft=fft, decorrelate=decorrelate, generator=gen, channels=channels
         )
