@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from convlens.errors import ConvlensError
+
 __all__ = [
     "DistContext",
     "all_gather_objects",
@@ -39,6 +41,7 @@ __all__ = [
     "main_first",
     "merge_moments",
     "merge_topk",
+    "round_store",
     "shard",
 ]
 
@@ -117,8 +120,52 @@ def context(
     backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(device if device is not None and device.index is not None else local)
-    dist.init_process_group(backend=backend, timeout=timeout)
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ and "MASTER_ADDR" in os.environ:
+        store = round_store(rank, world, timeout)
+        dist.init_process_group(
+            backend=backend, store=store, rank=rank, world_size=world, timeout=timeout
+        )
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     return DistContext(rank, world, local, True)
+
+
+def round_store(rank: int, world: int, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> dist.Store:
+    """The key-value store of this torchrun round: torchrun's store at
+    ``MASTER_ADDR:MASTER_PORT`` under the prefix ``convlens/<run id>/<restart count>/``.
+
+    torchrun's agent keeps one store for the whole job, so after ``--max-restarts`` restarts
+    a worker, the default ``env://`` initialisation of the new round reads the keys the
+    dead round's ranks wrote (their gloo addresses) and fails with ``Gloo connectFullMesh
+    failed ... Connection refused`` (or hangs until the timeout). Keyed by
+    ``TORCHELASTIC_RESTART_COUNT``, every round rendezvouses afresh. Where the agent hosts
+    the store (``TORCHELASTIC_USE_AGENT_STORE=True``, torchrun's default) every rank is a
+    client; otherwise rank 0 hosts it, as ``env://`` does.
+
+    Example:
+        >>> store = round_store(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+        >>> dist.init_process_group("gloo", store=store, rank=..., world_size=...)
+    """
+    addr = os.environ.get("MASTER_ADDR", "")
+    port = _env_int("MASTER_PORT", -1)
+    if not addr or not 0 <= port < 2**16:
+        raise ConvlensError(
+            f"MASTER_ADDR={addr!r} MASTER_PORT={os.environ.get('MASTER_PORT')!r}: torchrun sets "
+            "both; run under torchrun, or initialise the process group yourself"
+        )
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        addr,
+        port,
+        world_size=world,
+        is_master=not agent and rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
+        multi_tenant=not agent,
+    )
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    restart = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    return dist.PrefixStore(f"convlens/{run_id}/{restart}/", store)
 
 
 def local_device(device: torch.device) -> torch.device:
