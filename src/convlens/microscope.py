@@ -1486,7 +1486,7 @@ def microscope(
             example_dirs,
             force,
             split,
-            preprocess,
+            prep,  # also for a pass read from the cache, which has no preprocessing
             progress and ctx.is_main,
             strict,
         )
