@@ -35,6 +35,7 @@ from convlens.errors import (
     ImageLoadError,
     LayerNotFoundError,
     ModelLoadError,
+    Preempted,
 )
 from convlens.images import load_image, sample_image
 from convlens.microscope import microscope  # the function; its module: sys.modules[...]
@@ -57,6 +58,7 @@ __all__ = [
     "ModelLoadError",
     "OcclusionResult",
     "Prediction",
+    "Preempted",
     "RenderResult",
     "Sanity",
     "SensitivityResult",

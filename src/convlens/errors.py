@@ -15,6 +15,7 @@ __all__ = [
     "ImageLoadError",
     "LayerNotFoundError",
     "ModelLoadError",
+    "Preempted",
     "ReportError",
     "ResourceError",
     "WriteError",
@@ -148,3 +149,29 @@ class ResourceError(ConvlensError, ValueError):
         >>> microscope(model, "photos/", ["blocks.4"], out="site", size=100000)
         ResourceError: --size 100000: an image of 100000 px ... needs ~120 GB; this machine has 23 GB available: use --size <= 3400
     """
+
+
+class Preempted(ConvlensError):
+    """A long pass stopped on SIGTERM (a cluster's preemption, torchrun's shutdown) or
+    Ctrl-C (SIGINT), at a batch boundary, after writing its checkpoint: running it again
+    with the same checkpoint (``convlens examples --resume``, a rerun of ``microscope``)
+    continues where it stopped. ``signum`` is the signal; ``exit_status`` is what a shell
+    reports for it (143 for SIGTERM, 130 for SIGINT), the command line's exit status.
+
+    Example:
+        >>> try:
+        ...     dataset_examples(model, "photos/", ["layer4"], checkpoint="run.ckpt")
+        ... except Preempted as e:
+        ...     print(e)  # stopped by SIGINT: the checkpoint 'run.ckpt' holds 12 of 40 batches
+    """
+
+    def __init__(self, signum: int, detail: str = "") -> None:
+        import signal
+
+        self.signum = int(signum)
+        self.exit_status = 128 + self.signum
+        try:
+            name = signal.Signals(self.signum).name
+        except ValueError:
+            name = f"signal {self.signum}"
+        super().__init__(f"stopped by {name}" + (f": {detail}" if detail else ""))

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convlens import distributed
+from convlens import _signals, distributed
 from convlens._io import atomic_open, folder_lock, versions, write_json
 from convlens.analysis.attribution.result import SCALE_PERCENTILE
 from convlens.capture import model_device
@@ -508,6 +508,7 @@ def _render_units(
     done = 0
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_signals.deferred())  # SIGTERM, Ctrl-C: stop between batches
             stack.enter_context(dtype_support(plan.pipe.dtype, dev))
             stack.enter_context(evaluating(net))
             stack.enter_context(_frozen(net))
@@ -533,6 +534,10 @@ def _render_units(
                     _write_renders(folder, layer, part, images, values, centre, plan)
                     done += len(part)
                     bar.update(len(part))
+                    if _signals.requested() is not None:
+                        _signals.stop(
+                            f"{reused + done} of this rank's {len(units)} channels rendered"
+                        )
     finally:
         bar.close()
     return done, reused
@@ -597,35 +602,40 @@ def _example_units(
             reused += 1
             continue
         pending.append(u)
-    for u in tqdm(pending, desc="examples", unit="channel", disable=not progress):
-        folder = folders[u.layer]
-        folder.mkdir(parents=True, exist_ok=True)
-        record: dict[str, Any] = {"channel": u.channel, "layer": u.layer}
-        for which in ("top", "bottom"):
-            cs = crops(
-                result,
-                source_data,
-                u.layer,
-                u.channel,
-                which=which,
-                model=net,
-                preprocess=preprocess,
-                split=split,
-            )
-            entries = []
-            for rank, c in enumerate(cs):
-                full_peak = float(c.full_activation.max())
-                crop_path = folder / f"{u.channel:04d}-{which}-{rank}.png"
-                _save_png(_overlay(c.image, c.activation, full_peak), crop_path)
-                entry = {"rank": rank, "crop": crop_path.name, "box": list(c.box)}
-                if which == "top":
-                    full_path = folder / f"{u.channel:04d}-top-{rank}-full.png"
-                    _save_png(_thumbnail(_outline(c.full, c.box), _THUMB), full_path)
-                    entry["full"] = full_path.name
-                entries.append(entry)
-            record[which] = entries
-        write_json(folder / f"{u.channel:04d}.json", record)
-        written += 1
+    with _signals.deferred():  # SIGTERM, Ctrl-C: stop between channels
+        for u in tqdm(pending, desc="examples", unit="channel", disable=not progress):
+            folder = folders[u.layer]
+            folder.mkdir(parents=True, exist_ok=True)
+            record: dict[str, Any] = {"channel": u.channel, "layer": u.layer}
+            for which in ("top", "bottom"):
+                cs = crops(
+                    result,
+                    source_data,
+                    u.layer,
+                    u.channel,
+                    which=which,
+                    model=net,
+                    preprocess=preprocess,
+                    split=split,
+                )
+                entries = []
+                for rank, c in enumerate(cs):
+                    full_peak = float(c.full_activation.max())
+                    crop_path = folder / f"{u.channel:04d}-{which}-{rank}.png"
+                    _save_png(_overlay(c.image, c.activation, full_peak), crop_path)
+                    entry = {"rank": rank, "crop": crop_path.name, "box": list(c.box)}
+                    if which == "top":
+                        full_path = folder / f"{u.channel:04d}-top-{rank}-full.png"
+                        _save_png(_thumbnail(_outline(c.full, c.box), _THUMB), full_path)
+                        entry["full"] = full_path.name
+                    entries.append(entry)
+                record[which] = entries
+            write_json(folder / f"{u.channel:04d}.json", record)
+            written += 1
+            if _signals.requested() is not None:
+                _signals.stop(
+                    f"{reused + written} of this rank's {len(units)} channels' crops written"
+                )
     return written, reused
 
 
@@ -873,7 +883,7 @@ def _attribution_units(
     bar = tqdm(total=total, desc="attributions", unit="channel", disable=not progress)
     written = 0
     try:
-        with clean(base):
+        with _signals.deferred(), clean(base):  # SIGTERM, Ctrl-C: stop between channels
             for layer, todo_units in todo.items():
                 folders[layer].mkdir(parents=True, exist_ok=True)
                 written += _attribute_layer(
@@ -936,6 +946,8 @@ def _attribute_layer(
             writes.append(writer.submit(write, u.channel, done.pop(u.channel)))
             written += 1
             bar.update(1)
+            if _signals.requested() is not None:
+                _signals.stop(f"{written} more of this rank's channels' attributions written")
 
         for u in units:  # a unit without top examples is finished as it is
             if not plan.examples(result, layer, u.channel):

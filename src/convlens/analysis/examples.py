@@ -43,7 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from convlens import distributed
+from convlens import _signals, distributed
 from convlens._io import atomic_open, versions, write_json
 from convlens.analysis._sources import LoadFailure, Source, fix_size, make_source
 from convlens.analysis.receptive import ReceptiveField, receptive_field
@@ -1522,8 +1522,10 @@ def dataset_examples(
     loader = _Loader(source, workers, strict)
     batch_state: dict[str, Any] = {}
     n_seen = len(source.classes) if source.classes else 0  # classes known so far
+    # With a checkpoint, SIGTERM and Ctrl-C stop the pass at the next batch boundary.
+    stoppable = _signals.deferred() if ckpt is not None else contextlib.nullcontext()
     try:
-        with evaluating(net), torch.no_grad(), _hooks(targets, reduce, batch_state):
+        with stoppable, evaluating(net), torch.no_grad(), _hooks(targets, reduce, batch_state):
             pending = loader.submit(batches[start]) if start < len(batches) else None
             for b in range(start, len(batches)):
                 if pending is None:
@@ -1542,8 +1544,16 @@ def dataset_examples(
                     with contextlib.suppress(_StopForward):
                         net(x)
                 bar.update(len(batches[b]))
-                if ckpt is not None and ((b + 1) % every == 0 or b + 1 == len(batches)):
-                    _save_checkpoint(ckpt, settings, b + 1, targets, skipped, b + 1 == len(batches))
+                stopping = ckpt is not None and _signals.requested() is not None
+                last = b + 1 == len(batches)
+                if ckpt is not None and ((b + 1) % every == 0 or last or stopping):
+                    _save_checkpoint(ckpt, settings, b + 1, targets, skipped, last)
+                if stopping:
+                    _signals.stop(
+                        f"the checkpoint {str(ckpt)!r} holds {b + 1} of "
+                        + (f"rank {ctx.rank}'s " if ctx.world > 1 else "")
+                        + f"{len(batches)} batches"
+                    )
     finally:
         loader.close()
         bar.close()

@@ -23,7 +23,7 @@ import torch
 
 from convlens import __version__
 from convlens._io import versions
-from convlens.errors import ConvlensError
+from convlens.errors import ConvlensError, Preempted
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,6 +46,8 @@ def _handle_errors(fn: F) -> F:
             result = fn(*args, **kwargs)
             _show_notes()
             return result
+        except Preempted:
+            raise  # _preemptible's line and exit status
         except (ConvlensError, ValueError, TypeError, KeyError, FileNotFoundError) as e:
             msg = (
                 str(e)
@@ -62,6 +64,72 @@ def _handle_errors(fn: F) -> F:
             raise BadInput(str(wrapped)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _preemptible(add: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """A command that SIGTERM (a cluster's preemption, torchrun's shutdown) and Ctrl-C stop
+    at a batch boundary, its checkpoint written: it exits with 143 (SIGTERM) or 130
+    (SIGINT) and one line giving the command that resumes, the one as run with the flags
+    ``add`` and without the flags ``drop`` (``--resume`` added, ``--force`` dropped). Put it
+    above ``_handle_errors``. The handlers are restored when the command returns.
+
+    Example:
+        >>> @main.command("examples")
+        ... @_preemptible(add=("--resume",))
+        ... @_handle_errors
+        ... def examples_cmd(...): ...
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from convlens import _signals
+
+            try:
+                with _signals.handling():
+                    return fn(*args, **kwargs)
+            except Preempted as e:
+                cmd = _resume_command(add, drop)
+                click.echo(f"convlens: {e}; resume with: {cmd}", err=True)
+                sys.exit(e.exit_status)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _resume_command(add: tuple[str, ...], drop: tuple[str, ...]) -> str:
+    """The command line as run (torchrun's, read from the agent's ``/proc/PPID/cmdline``,
+    when torchrun started this process), with ``add`` and without ``drop``."""
+    import os
+    import shlex
+
+    ctx = click.get_current_context(silent=True)
+    name = ctx.info_name if ctx is not None else None
+    args = sys.argv[1:]
+    if not args or args[0] != name:  # called in-process (tests): no command line to repeat
+        flags = " ".join(add)
+        return f"the same `convlens {name}` command" + (f" with {flags}" if flags else "")
+    new = [a for a in args if a not in drop] + [f for f in add if f not in args]
+    prefix: list[str] | None = None
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+            parent = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        except OSError:
+            parent = []
+        if len(parent) > len(args) and parent[-len(args) :] == args:
+            prefix = parent[: -len(args)]
+            if len(prefix) > 1 and Path(prefix[1]).name == "torchrun":
+                prefix = ["torchrun", *prefix[2:]]  # python /path/to/torchrun ...
+        else:
+            return "the same torchrun command" + (f" with {' '.join(add)}" if add else "")
+    if prefix is None:
+        orig = list(getattr(sys, "orig_argv", sys.argv))
+        prefix = orig[: -len(args)] if orig[-len(args) :] == args else ["convlens"]
+        if prefix and Path(prefix[-1]).name == "convlens" and "-m" not in prefix:
+            prefix = ["convlens"]  # the console script
+    return shlex.join([*prefix, *new])
 
 
 def _note(message: str) -> None:

@@ -19,6 +19,7 @@ from convlens.cli._group import (
     _note,
     _note_warnings,
     _out_option,
+    _preemptible,
     _safe_name,
     _wrote,
     main,
@@ -117,6 +118,7 @@ def _dataset_options(fn: F) -> F:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_model_options
 @_device_option
+@_preemptible(add=("--resume",))
 @_handle_errors
 def examples_cmd(
     model_spec: str,

@@ -17,6 +17,7 @@ from convlens.cli._group import (
     _note,
     _note_warnings,
     _out_option,
+    _preemptible,
     _wrote,
     main,
 )
@@ -93,6 +94,7 @@ QUICK = {"channels": "0-15", "steps": 32, "k": 6, "diversity": 2}
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_model_options
 @_device_option
+@_preemptible(drop=("--force",))
 @_handle_errors
 def microscope_cmd(
     model_spec: str,
