@@ -1,0 +1,100 @@
+"""A worker killed under ``torchrun --max-restarts``: the restarted round rendezvouses
+afresh (convlens.distributed.round_store) and the job finishes with the same outputs as
+an uninterrupted run, for ``examples`` (killed in the dataset pass, after a checkpoint)
+and ``microscope`` (killed in the dataset pass, then in the renders). Real processes:
+torchrun on 2 CPU processes, gloo, SIGKILL from outside, every job under a timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from _jobs import (
+    EXAMPLES,
+    MODEL,
+    checkpoint,
+    clean_examples,
+    examples_numbers,
+    finish,
+    photos,
+    rank_pid,
+    run_ok,
+    site_doc,
+    site_files,
+    site_pass,
+    start,
+    torchrun_cmd,
+    wait_for,
+    workers,
+)
+
+MICROSCOPE = [
+    "microscope", *MODEL, "--layers", "bn2", "--channels", "0-15", "--steps", "16",
+    "--size", "32", "--k", "3", "--diversity", "0", "--batch", "2",
+]  # fmt: skip
+
+
+@pytest.fixture
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return photos(tmp_path_factory)
+
+
+def test_examples_finishes_after_a_worker_is_killed_mid_pass(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    args = [*EXAMPLES, "--data", str(photos(tmp_path_factory))]
+    clean = clean_examples(tmp_path_factory, world=2)
+
+    out = tmp_path / "killed"
+    job = start(torchrun_cmd(*args, "--out", str(out), "--resume", restarts=2))
+    ck1 = out / "examples.ckpt.rank1-of-2"
+    wait_for("rank 1's first checkpoint", ck1.is_file, job)
+    os.kill(rank_pid(job, 1), signal.SIGKILL)
+    at_kill = checkpoint(ck1)
+    rc, stdout, stderr = finish(job)
+    assert rc == 0, stderr[-4000:]
+    assert not at_kill["done"], "the kill landed after rank 1's pass: nothing was tested"
+    assert "exitcode: -9" in stderr  # torchrun saw the SIGKILL and restarted the round
+    assert "connectFullMesh" not in stderr and "Connection refused" not in stderr
+    assert "2 process(es)" in stdout
+    assert examples_numbers(out / "examples.json") == clean
+    assert checkpoint(ck1)["done"] and checkpoint(out / "examples.ckpt.rank0-of-2")["done"]
+
+
+def test_microscope_finishes_after_workers_are_killed_in_the_pass_and_the_renders(
+    data: Path, tmp_path: Path
+) -> None:
+    args = [*MICROSCOPE, "--data", str(data)]
+    clean = tmp_path / "clean"
+    run_ok(torchrun_cmd(*args, "--out", str(clean)))
+
+    site = tmp_path / "killed"
+    job = start(torchrun_cmd(*args, "--out", str(site), restarts=2))
+    # 1. rank 1 killed in the dataset pass, after its first checkpoint
+    ck1 = site / "cache"
+    wait_for(
+        "rank 1's dataset-pass checkpoint",
+        lambda: any(ck1.glob("examples-*.ckpt.rank1-of-2")),
+        job,
+    )
+    first_round = set(workers(job.pid).values())
+    os.kill(rank_pid(job, 1), signal.SIGKILL)
+    (ck1_file,) = ck1.glob("examples-*.ckpt.rank1-of-2")
+    assert not checkpoint(ck1_file)["done"]
+    # 2. in the restarted round, rank 0 killed in the renders: its first channel is
+    # rendered (channel 0), its last (channel 14) not yet
+    renders = site / "0-bn2"
+    wait_for("rank 0's first render", lambda: any(renders.glob("r-*/0000.json")), job, timeout=200)
+    os.kill(rank_pid(job, 0, other_than=first_round), signal.SIGKILL)
+    assert not any(renders.glob("r-*/0014.json")), "rank 0's renders were done: nothing tested"
+    rc, _, stderr = finish(job)
+    assert rc == 0, stderr[-4000:]
+    assert stderr.count("exitcode: -9") == 2
+    assert "connectFullMesh" not in stderr
+    assert site_pass(site) == site_pass(clean)
+    got, want = site_files(site), site_files(clean)
+    assert sorted(got) == sorted(want)
+    assert [name for name in want if got[name] != want[name]] == []  # byte for byte
+    assert site_doc(site) == site_doc(clean)
