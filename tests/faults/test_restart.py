@@ -1,14 +1,17 @@
 """A worker killed under ``torchrun --max-restarts``: the restarted round rendezvouses
 afresh (convlens.distributed.round_store) and the job finishes with the same outputs as
 an uninterrupted run, for ``examples`` (killed in the dataset pass, after a checkpoint)
-and ``microscope`` (killed in the dataset pass, then in the renders). Real processes:
+and ``microscope`` (killed in the dataset pass, then in the renders), and ``attribute
+--data`` (no checkpoint: the restarted round recomputes). Real processes:
 torchrun on 2 CPU processes, gloo, SIGKILL from outside, every job under a timeout."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _jobs import (
@@ -18,6 +21,7 @@ from _jobs import (
     clean_examples,
     examples_numbers,
     finish,
+    make_folder,
     photos,
     rank_pid,
     run_ok,
@@ -98,3 +102,37 @@ def test_microscope_finishes_after_workers_are_killed_in_the_pass_and_the_render
     assert sorted(got) == sorted(want)
     assert [name for name in want if got[name] != want[name]] == []  # byte for byte
     assert site_doc(site) == site_doc(clean)
+
+
+def test_attribute_over_a_dataset_finishes_after_a_worker_is_killed(tmp_path: Path) -> None:
+    """``attribute --data`` has no checkpoint: the restarted round recomputes every image,
+    and the job's outputs equal a clean run's."""
+    data = make_folder(tmp_path / "photos", 12)
+    args = [
+        "attribute", *MODEL[:-1], "--data", str(data), "--methods", "saliency,integrated_gradients",
+        "--steps", "8",
+    ]  # fmt: skip
+    clean = tmp_path / "clean"
+    run_ok(torchrun_cmd(*args, "--out", str(clean)))
+
+    out = tmp_path / "killed"
+    job = start(torchrun_cmd(*args, "--out", str(out), restarts=2))
+    wait_for("rank 1's first figure", lambda: any(out.glob("0001_*.png")), job)
+    os.kill(rank_pid(job, 1), signal.SIGKILL)
+    assert not any(out.glob("0011_*.png")), "rank 1 had finished: nothing was tested"
+    rc, _, stderr = finish(job)
+    assert rc == 0, stderr[-4000:]
+    assert "exitcode: -9" in stderr and "connectFullMesh" not in stderr
+
+    def numbers(folder: Path) -> dict[str, Any]:
+        d = json.loads((folder / "attribution.json").read_text())
+        d["settings"].pop("seconds")
+        d.pop("versions")
+        for image in d["images"]:
+            for method in image["methods"].values():
+                method.pop("seconds")
+        return d
+
+    assert numbers(out) == numbers(clean)
+    figures = sorted(p.name for p in clean.glob("*.png"))
+    assert sorted(p.name for p in out.glob("*.png")) == figures and len(figures) == 12
