@@ -2,7 +2,8 @@
 pass at the next batch boundary with its checkpoint written; the command line exits with
 143 or 130 and one line giving the command that resumes, and that command finishes with
 the same result as an uninterrupted run. In one process, in the Python API (the handlers
-restored after), and under torchrun with 2 ranks (SIGTERM to the agent or to one rank)."""
+restored after), under torchrun with 2 ranks (SIGTERM to the agent or to one rank), and
+in the microscope's renders (a rerun of the same command, without --force, finishes)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,19 @@ import torch
 from _jobs import (
     EXAMPLES,
     JOB_TIMEOUT_S,
+    MODEL,
     checkpoint,
     clean_examples,
     convlens_cmd,
     examples_numbers,
     finish,
+    make_folder,
     photos,
     rank_pid,
     run,
+    run_ok,
+    site_doc,
+    site_files,
     start,
     torchrun_cmd,
     wait_for,
@@ -185,3 +191,42 @@ def test_sigterm_under_torchrun_leaves_checkpoints_that_resume(
     rc, _, stderr = run(resume)
     assert rc == 0, stderr[-3000:]
     assert examples_numbers(out / "examples.json") == want
+
+
+# ------------------------------------------------------------------------- microscope
+
+MICROSCOPE = [
+    "microscope", *MODEL, "--layers", "bn2", "--channels", "0-15", "--steps", "16",
+    "--size", "32", "--k", "3", "--diversity", "0", "--batch", "2",
+]  # fmt: skip
+
+
+def test_sigterm_stops_the_microscope_between_render_batches_and_a_rerun_finishes(
+    tmp_path: Path,
+) -> None:
+    args = [*MICROSCOPE, "--data", str(make_folder(tmp_path / "photos", 60))]
+    clean = tmp_path / "clean"
+    run_ok(convlens_cmd(*args, "--out", str(clean)))
+
+    site = tmp_path / "site"
+    job = start(convlens_cmd(*args, "--out", str(site), "--force"))
+    renders = site / "0-bn2"
+    wait_for("the first rendered channel", lambda: any(renders.glob("r-*/0000.json")), job)
+    job.send_signal(signal.SIGTERM)
+    rc, stdout, stderr = finish(job)
+    assert rc == 143, stderr[-3000:]
+    assert stderr.count("\n") == 1 and stdout == ""
+    line = stderr.strip()
+    assert line.startswith("convlens: stopped by SIGTERM: ") and "channels rendered" in line
+    resume = shlex.split(line.split("; resume with: ", 1)[1])
+    assert "--force" not in resume and resume[-len(args) - 2 :] == [*args, "--out", str(site)]
+    finished = len(list(renders.glob("r-*/*.json")))
+    assert 1 <= finished < 16 and not (site / "microscope.json").exists()
+
+    rc, stdout, stderr = run(resume)
+    assert rc == 0, stderr[-3000:]
+    assert f"rendered {16 - finished} channel(s), reused {finished}" in stdout  # none lost
+    got, want = site_files(site), site_files(clean)
+    assert sorted(got) == sorted(want)
+    assert [name for name in want if got[name] != want[name]] == []
+    assert site_doc(site) == site_doc(clean)

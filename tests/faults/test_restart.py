@@ -7,13 +7,18 @@ torchrun on 2 CPU processes, gloo, SIGKILL from outside, every job under a timeo
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from _jobs import (
     EXAMPLES,
     MODEL,
@@ -33,6 +38,8 @@ from _jobs import (
     wait_for,
     workers,
 )
+
+from convlens import distributed
 
 MICROSCOPE = [
     "microscope", *MODEL, "--layers", "bn2", "--channels", "0-15", "--steps", "16",
@@ -136,3 +143,52 @@ def test_attribute_over_a_dataset_finishes_after_a_worker_is_killed(tmp_path: Pa
     assert numbers(out) == numbers(clean)
     figures = sorted(p.name for p in clean.glob("*.png"))
     assert sorted(p.name for p in out.glob("*.png")) == figures and len(figures) == 12
+
+
+def _round_worker(rank: int, env: dict[str, str], out: str) -> None:
+    """One rank of a simulated torchrun round: torchrun's environment, then
+    convlens.distributed.context() and one gather."""
+    torch.set_num_threads(1)
+    os.environ.update({**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    ctx = distributed.context(timeout=datetime.timedelta(seconds=60))
+    try:
+        got = distributed.all_gather_objects((ctx.rank, os.getpid()))
+        Path(out, f"rank{rank}").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("agent_store", [True, False])
+def test_every_round_rendezvouses_afresh_in_one_store(agent_store: bool, tmp_path: Path) -> None:
+    """Three rounds of 2 ranks against one store, as torchrun's agent keeps it across
+    restarts: each round finds its own ranks, never the previous round's addresses.
+    Without the agent's store (TORCHELASTIC_USE_AGENT_STORE=False) rank 0 hosts it."""
+    agent = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    port = agent.port
+    if not agent_store:
+        del agent  # rank 0 of each round hosts a store on the port
+    for restart in range(3):
+        env = {
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "TORCHELASTIC_RESTART_COUNT": str(restart),
+            "TORCHELASTIC_RUN_ID": "test",
+            "TORCHELASTIC_USE_AGENT_STORE": str(agent_store),
+            "GLOO_SOCKET_IFNAME": "lo",
+        }
+        out = tmp_path / f"round{restart}"
+        out.mkdir()
+        procs = mp.start_processes(
+            _round_worker, args=(env, str(out)), nprocs=2, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + 120
+        while not procs.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in procs.processes:
+                    p.kill()
+                pytest.fail(f"round {restart} did not finish in 120 s")
+        pids = {p.pid for p in procs.processes}
+        for rank in range(2):
+            got = json.loads((out / f"rank{rank}").read_text())
+            assert [r for r, _ in got] == [0, 1] and {pid for _, pid in got} == pids
