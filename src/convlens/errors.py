@@ -151,12 +151,16 @@ class ResourceError(ConvlensError, ValueError):
     """
 
 
-class Preempted(ConvlensError):
+class Preempted(BaseException):
     """A long pass stopped on SIGTERM (a cluster's preemption, torchrun's shutdown) or
     Ctrl-C (SIGINT), at a batch boundary, after writing its checkpoint: running it again
     with the same checkpoint (``convlens examples --resume``, a rerun of ``microscope``)
     continues where it stopped. ``signum`` is the signal; ``exit_status`` is what a shell
     reports for it (143 for SIGTERM, 130 for SIGINT), the command line's exit status.
+
+    Like ``KeyboardInterrupt`` it is not an ``Exception`` (nor a :class:`ConvlensError`),
+    so no ``except Exception`` on the way out (a skipped image, a failed section) can
+    swallow the request to stop.
 
     Example:
         >>> try:

@@ -31,6 +31,8 @@ a hash of the settings that decide them (``<layer>/r-<key>/``, ``<layer>/e-<key>
 ``<layer>/a-<key>/``); a
 channel is finished when its ``NNNN.json`` is there, and a rerun skips finished channels
 (after Ctrl-C, a crash or a restarted torchrun job). ``force=True`` recomputes everything.
+SIGTERM or Ctrl-C during the pass, the renders, the crops or the attributions stops at the
+next batch (or channel) boundary, its work written, and raises :class:`convlens.Preempted`.
 
 Under ``torchrun`` the dataset pass is sharded (``range(rank, N, world)``), the channels
 are split ``units[rank::world]`` (each rank on its own GPU), and rank 0 writes

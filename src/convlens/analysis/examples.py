@@ -1427,6 +1427,9 @@ def dataset_examples(
     :class:`~convlens.errors.CheckpointError` instead). Checkpoints of a run with another
     number of processes are refused (a rank's state cannot be split by image index): rerun
     with that many, or delete them.
+    With a checkpoint, SIGTERM or Ctrl-C stops the pass at the next batch boundary: the
+    checkpoint is written and :class:`convlens.Preempted` raised (the signal handlers are
+    restored as they were); the same call continues.
 
     Under ``torchrun`` or in an initialised process group each rank reads
     ``range(rank, N, world)`` on its ``LOCAL_RANK`` GPU, and the merged result (on every

@@ -46,8 +46,11 @@ def _handle_errors(fn: F) -> F:
             result = fn(*args, **kwargs)
             _show_notes()
             return result
-        except Preempted:
-            raise  # _preemptible's line and exit status
+        except Preempted as e:  # SIGTERM or Ctrl-C, the work so far saved
+            ctx = click.get_current_context(silent=True)
+            add, drop = ctx.meta.get(_RESUME, ((), ("--force",))) if ctx else ((), ())
+            click.echo(f"convlens: {e}; resume with: {_resume_command(add, drop)}", err=True)
+            sys.exit(e.exit_status)
         except (ConvlensError, ValueError, TypeError, KeyError, FileNotFoundError) as e:
             msg = (
                 str(e)
@@ -66,12 +69,17 @@ def _handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: click context key: the flags the command that resumes adds and drops
+_RESUME = "convlens.resume"
+
+
 def _preemptible(add: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> Callable[[F], F]:
     """A command that SIGTERM (a cluster's preemption, torchrun's shutdown) and Ctrl-C stop
-    at a batch boundary, its checkpoint written: it exits with 143 (SIGTERM) or 130
-    (SIGINT) and one line giving the command that resumes, the one as run with the flags
-    ``add`` and without the flags ``drop`` (``--resume`` added, ``--force`` dropped). Put it
-    above ``_handle_errors``. The handlers are restored when the command returns.
+    at a batch boundary, its checkpoint written, or at once outside its loops:
+    ``_handle_errors`` then prints one line giving the command that resumes (the one as
+    run with the flags ``add`` and without ``drop``: ``--resume`` added, ``--force``
+    dropped) and exits with 143 (SIGTERM) or 130 (SIGINT). Put it above
+    ``_handle_errors``; the previous handlers are restored when the command ends.
 
     Example:
         >>> @main.command("examples")
@@ -85,13 +93,11 @@ def _preemptible(add: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> Calla
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             from convlens import _signals
 
-            try:
-                with _signals.handling():
-                    return fn(*args, **kwargs)
-            except Preempted as e:
-                cmd = _resume_command(add, drop)
-                click.echo(f"convlens: {e}; resume with: {cmd}", err=True)
-                sys.exit(e.exit_status)
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None:
+                ctx.meta[_RESUME] = (add, drop)
+            with _signals.handling():
+                return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
 
