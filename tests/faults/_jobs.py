@@ -70,9 +70,13 @@ def torchrun_cmd(*args: str, restarts: int = 0) -> list[str]:
     ]
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
 def start(cmd: list[str]) -> subprocess.Popen[str]:
-    """``cmd`` in its own session (so a failed test can kill all of it)."""
-    return subprocess.Popen(
+    """``cmd`` in its own session (so a failed test can kill all of it: see
+    :func:`kill_leftovers`)."""
+    proc = subprocess.Popen(
         cmd,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -80,6 +84,18 @@ def start(cmd: list[str]) -> subprocess.Popen[str]:
         text=True,
         start_new_session=True,
     )
+    _started.append(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    """Kill the process group of every job started here that a failed test left running
+    (the test files call it after each test, from an autouse fixture)."""
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            kill_group(proc)
+            proc.communicate()
 
 
 def kill_group(proc: subprocess.Popen[str]) -> None:

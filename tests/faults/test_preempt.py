@@ -11,6 +11,7 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from _jobs import (
     convlens_cmd,
     examples_numbers,
     finish,
+    kill_leftovers,
     make_folder,
     photos,
     rank_pid,
@@ -45,6 +47,12 @@ from convlens import _signals
 from convlens._io import to_jsonable
 from convlens.analysis.examples import dataset_examples
 from convlens.errors import Preempted
+
+
+@pytest.fixture(autouse=True)
+def _no_job_left_running() -> Iterator[None]:
+    yield
+    kill_leftovers()
 
 
 def _resume_line(stderr: str, signame: str) -> list[str]:

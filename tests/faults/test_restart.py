@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from _jobs import (
     clean_examples,
     examples_numbers,
     finish,
+    kill_leftovers,
     make_folder,
     photos,
     rank_pid,
@@ -45,6 +47,12 @@ MICROSCOPE = [
     "microscope", *MODEL, "--layers", "bn2", "--channels", "0-15", "--steps", "16",
     "--size", "32", "--k", "3", "--diversity", "0", "--batch", "2",
 ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _no_job_left_running() -> Iterator[None]:
+    yield
+    kill_leftovers()
 
 
 @pytest.fixture
