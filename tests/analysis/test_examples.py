@@ -168,6 +168,10 @@ def test_simple_cnn_bn3_receptive_field_and_crops() -> None:
         assert c.full_activation.shape == (64, 64)
     bottom = crops(r, data, "bn3", 7, which="bottom")
     assert [c.example for c in bottom] == r.bottom("bn3", 7)
+    # images of another size than the pass's: the boxes would be cut in the wrong grid
+    half = [(x[:, :32, :32], y) for x, y in data]
+    with pytest.raises(ValueError, match="load at 32x32 px but the result was computed on 64x64"):
+        crops(r, half, "bn3", 7)
 
 
 def test_crops_after_load_need_the_model(tmp_path: Path) -> None:

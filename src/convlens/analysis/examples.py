@@ -1679,6 +1679,15 @@ def crops(
     le = result.layers[layer]
     xs = [source.load(e.index)[0] for e in examples]
     x = torch.stack(xs)
+    want = tuple(int(v) for v in result.input_shape[-2:])
+    if tuple(x.shape[-2:]) != want:
+        # positions and receptive fields are in the pass's input grid: another size
+        # would cut the wrong box (or none at all)
+        raise ValueError(
+            f"the images load at {x.shape[-2]}x{x.shape[-1]} px but the result was computed "
+            f"on {want[0]}x{want[1]} inputs: pass the preprocessing the pass used "
+            "(preprocess=, or model= as the bundle it ran)"
+        )
     dev = model_device(net) if device is None else resolve_device(device)
     with torch.no_grad():
         out = capture(net, x.to(dev, dtype=model_dtype(net)), [layer], device=device)[layer]
