@@ -4,24 +4,22 @@ writes, and the one-line errors."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 from torch import nn
 
 import convlens
 from _cli import assert_ok, assert_one_line_error, assert_png, assert_wrote, no_temp_files, run
+from _ranks import init_gloo, spawn
 from convlens.analysis.attribution.faithfulness import faithfulness
 from convlens.images import load_image
 
@@ -263,10 +261,7 @@ def _check_same(got: Path, want: Path) -> None:
 
 
 def _worker(rank: int, world: int, init: str, args: list[str]) -> None:
-    torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    timeout = datetime.timedelta(seconds=TIMEOUT_S)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timeout)
+    init_gloo(rank, world, init, TIMEOUT_S)
     try:
         res = run(*args)
         assert res.exit_code == 0, res.output
@@ -281,19 +276,7 @@ def test_two_gloo_processes_write_what_one_writes(
     data, want = one_process
     got = tmp_path / "dist"
     args = ["attribute", *ARGS, *DATA_ARGS, "--data", str(data), "--out", str(got)]
-    ctx = mp.start_processes(
-        _worker,
-        args=(2, f"file://{tmp_path / 'init'}", args),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail(f"the 2 ranks did not finish in {TIMEOUT_S} s")
+    spawn(_worker, (2, f"file://{tmp_path / 'init'}", args), 2, TIMEOUT_S)
     assert json.loads((got / "attribution.json").read_text())["settings"]["world_size"] == 2
     _check_same(got, want)
 

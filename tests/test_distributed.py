@@ -3,22 +3,19 @@ file:// init per test, one thread per rank, a timeout): identical to one process
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent / "analysis"))
 
 from _examples_fixtures import tiny_data, tiny_model
 
+from _ranks import init_gloo, spawn
 from convlens import distributed
 from convlens._io import to_jsonable
 from convlens.analysis.examples import DatasetExamples, dataset_examples
@@ -29,10 +26,7 @@ LAYERS = ["conv1", "relu", "conv2", "fc"]
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    timeout = datetime.timedelta(seconds=TIMEOUT_S)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timeout)
+    init_gloo(rank, world, init, TIMEOUT_S)
     try:
         ctx = distributed.context()
         assert (ctx.rank, ctx.world) == (rank, world)
@@ -60,15 +54,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 def _spawn(world: int, tmp_path: Path) -> None:
     init = f"file://{tmp_path / 'init'}"
-    ctx = mp.start_processes(
-        _worker, args=(world, init, str(tmp_path)), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail(f"the {world} ranks did not finish in {TIMEOUT_S} s")
+    spawn(_worker, (world, init, str(tmp_path)), world, TIMEOUT_S)
 
 
 def _numbers(r: DatasetExamples) -> dict:

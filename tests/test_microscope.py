@@ -3,9 +3,7 @@ resuming, connections, the document behind the pages, and errors."""
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,12 +12,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent / "analysis"))
 
 from _examples_fixtures import Tiny, tiny_data, tiny_model
 
+from _ranks import init_gloo, spawn
 from convlens import capture
 from convlens.microscope import _row_seed, _UnitObjective, microscope
 
@@ -253,10 +251,7 @@ def test_a_depthwise_convolution_reads_one_channel(tmp_path: Path) -> None:
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    timeout = datetime.timedelta(seconds=TIMEOUT_S)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timeout)
+    init_gloo(rank, world, init, TIMEOUT_S)
     try:
         _run(Path(out), channels="0-3")  # 8 units over 2 ranks, 4 (two batches) each
     finally:
@@ -266,15 +261,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 def test_two_ranks_write_the_same_site_as_one(tmp_path: Path) -> None:
     init = f"file://{tmp_path / 'init'}"
     dist_out = tmp_path / "dist"
-    ctx = mp.start_processes(
-        _worker, args=(2, init, str(dist_out)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail(f"the 2 ranks did not finish in {TIMEOUT_S} s")
+    spawn(_worker, (2, init, str(dist_out)), 2, TIMEOUT_S)
     one = _run(tmp_path / "one", channels="0-3")
     assert json.loads((dist_out / "microscope.json").read_text())["settings"]["world_size"] == 2
     assert _files(dist_out) == _files(one)

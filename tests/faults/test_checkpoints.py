@@ -6,11 +6,8 @@ resumable files (the saved pass, each channel's PNGs and JSON) are checked the s
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
@@ -27,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
 from _examples_fixtures import tiny_data, tiny_model
 
 from _cli import assert_ok, assert_one_line_error, run
+from _ranks import init_gloo, spawn
 from convlens._io import to_jsonable
 from convlens.analysis.examples import dataset_examples
 from convlens.errors import CheckpointError, ConvlensWarning
@@ -286,10 +283,7 @@ TIMEOUT_S = 120
 
 
 def _rank(rank: int, world: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    timeout = datetime.timedelta(seconds=TIMEOUT_S)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timeout)
+    init_gloo(rank, world, init, TIMEOUT_S)
     try:
         ckpt = Path(out) / "state.pt"
         report: dict[str, Any] = {}
@@ -315,19 +309,7 @@ def test_two_ranks_one_bad_checkpoint_restarts_that_shard_and_another_world_is_r
     tmp_path: Path, clean: dict
 ) -> None:
     _pass(tmp_path / "one.pt")
-    ctx = mp.start_processes(
-        _rank,
-        args=(2, f"file://{tmp_path / 'init'}", str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail(f"the 2 ranks did not finish in {TIMEOUT_S} s")
+    spawn(_rank, (2, f"file://{tmp_path / 'init'}", str(tmp_path)), 2, TIMEOUT_S)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert reports[0]["notes"] == []
     (note,) = reports[1]["notes"]

@@ -7,7 +7,6 @@ rank 0 holds it for the job."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import signal
@@ -21,10 +20,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
 from _cli import assert_ok, assert_one_line_error, run
+from _ranks import init_gloo, spawn
 from convlens import distributed
 from convlens._io import LOCK_NAME, LOCK_STALE_AFTER, folder_lock
 from convlens.errors import FolderLockedError
@@ -220,10 +219,7 @@ def test_the_lock_is_released_on_errors_and_interrupts(tmp_path: Path) -> None:
 
 
 def _rank(rank: int, world: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    timeout = datetime.timedelta(seconds=TIMEOUT_S)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timeout)
+    init_gloo(rank, world, init, TIMEOUT_S)
     try:
         ctx = distributed.context()
         report: dict[str, Any] = {"pid": os.getpid()}
@@ -242,19 +238,7 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
 
 def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_is_refused(tmp_path: Path) -> None:
     with folder_lock(tmp_path / "held", "microscope"):  # this process: another live run
-        ctx = mp.start_processes(
-            _rank,
-            args=(2, f"file://{tmp_path / 'init'}", str(tmp_path)),
-            nprocs=2,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + TIMEOUT_S
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail(f"the 2 ranks did not finish in {TIMEOUT_S} s")
+        spawn(_rank, (2, f"file://{tmp_path / 'init'}", str(tmp_path)), 2, TIMEOUT_S)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert reports[0]["holder"] == reports[1]["holder"] == reports[0]["pid"]  # rank 0's
     for r in reports:
