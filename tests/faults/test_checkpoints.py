@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
 
 from _examples_fixtures import tiny_data, tiny_model
+from _jobs import make_folder
 
 from _cli import assert_ok, assert_one_line_error, run
 from _ranks import init_gloo, spawn
@@ -171,13 +171,7 @@ ARGS = ["--model", "simple_cnn", "--weights", "none", "--device", "cpu", "--quie
 
 
 def _folder(root: Path, n: int = 10) -> Path:
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        sub = root / f"kind_{i % 2}"
-        sub.mkdir(parents=True, exist_ok=True)
-        arr = (torch.rand(24, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(sub / f"{i:02d}.png")
-    return root
+    return make_folder(root, n, classes=2, size=24)
 
 
 def _result(out: Path) -> dict:

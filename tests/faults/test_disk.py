@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
 
 from _examples_fixtures import tiny_data, tiny_model
+from _jobs import make_folder
 
 from _cli import assert_ok, no_temp_files, run
 from convlens import _io
@@ -176,13 +176,7 @@ def test_enospc_in_the_microscope_keeps_finished_files_and_a_rerun_resumes(
 
 
 def _folder(root: Path, n: int = 10) -> Path:
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        sub = root / f"kind_{i % 2}"
-        sub.mkdir(parents=True, exist_ok=True)
-        arr = (torch.rand(24, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(sub / f"{i:02d}.png")
-    return root
+    return make_folder(root, n, classes=2, size=24)
 
 
 ARGS = ["--model", "simple_cnn", "--weights", "none", "--device", "cpu", "--quiet"]

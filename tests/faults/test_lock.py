@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import torch.distributed as dist
-from PIL import Image
+from _jobs import make_folder
 
 from _cli import assert_ok, assert_one_line_error, run
 from _ranks import init_gloo, spawn
@@ -47,13 +46,7 @@ with folder_lock(sys.argv[1], "examples"):
 
 
 def _folder(root: Path, n: int = 6) -> Path:
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        sub = root / f"kind_{i % 2}"
-        sub.mkdir(parents=True, exist_ok=True)
-        arr = (torch.rand(24, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(sub / f"{i:02d}.png")
-    return root
+    return make_folder(root, n, classes=2, size=24)
 
 
 def _hold(folder: Path, seconds: float = TIMEOUT_S) -> subprocess.Popen[str]:
