@@ -64,6 +64,11 @@ def main() -> None:
         action="store_true",
         help="also run Lucent with the model's weight gradients switched off",
     )
+    ap.add_argument(
+        "--budgets",
+        default="16,32,64,128",
+        help="step budgets of convlens at its defaults (precision auto, cosine schedule)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
@@ -88,6 +93,8 @@ def main() -> None:
             seed=args.seed,
             device=dev,
             progress=False,
+            precision="float32",  # convlens as it was: float32, Lucid's constant 0.05
+            schedule="constant",
         )
         runs["convlens"].append({"times": list(r.times), "result": r})
         print(f"round {rnd + 1}: convlens {r.times[-1]:.1f} s")
@@ -148,6 +155,30 @@ def main() -> None:
         for t, s_, p in zip(steps, times, per):
             print(f"{name} {t:>4} steps: {s_:8.1f} s, mean objective {float(p.mean()):.3f}")
 
+    # -- convlens at its defaults: precision auto, the cosine schedule, one run per budget
+    # (the schedule is planned for its budget, so a budget's end is its point) -----------
+    new_points: list[tuple[int, float, float]] = []
+    new_per_channel: dict[str, list[float]] = {}
+    new_precision = None
+    for b in sorted({int(x) for x in args.budgets.split(",") if x}):
+        nr = render(
+            bundle, objective, size=args.size, steps=b, seed=args.seed, device=dev, progress=False
+        )
+        new_precision = nr.settings["precision"]
+        new_points.append((b, float(nr.final_values.mean()), nr.times[-1]))
+        new_per_channel[str(b)] = [round(float(v), 4) for v in nr.final_values]
+        print(f"convlens new {b:>4} steps: {nr.times[-1]:8.1f} s, mean {new_points[-1][1]:.3f}")
+    new_row = {
+        "precision": new_precision,
+        "schedule": "cosine",
+        "points": [[b, round(m, 4), round(t, 3)] for b, m, t in new_points],
+        "per_channel": new_per_channel,
+    }
+
+    def reach_new(target: float) -> tuple[int | None, float | None]:
+        hit = next(((b, t) for b, m, t in new_points if m >= target), None)
+        return (None, None) if hit is None else hit
+
     # -- batching: ten channels in one batch vs one channel at a time (16 steps) ---------
     one = render(bundle, f"{LAYER}:0", size=args.size, steps=16, seed=args.seed, progress=False)
     ten = render(bundle, objective, size=args.size, steps=16, seed=args.seed, progress=False)
@@ -182,6 +213,20 @@ def main() -> None:
                 if reach_s is None
                 else round(base["seconds"][k] / reach_s, 2),
             )
+            nb, ns = reach_new(target)
+            row.update(
+                new_steps_to_lucent_mean=nb,
+                new_seconds_to_lucent_mean=None if ns is None else round(ns, 2),
+                new_speedup_to_lucent_mean=None
+                if ns is None
+                else round(base["seconds"][k] / ns, 2),
+            )
+        nb, ns = reach_new(cl_means[i])
+        row.update(
+            new_steps_to_old_mean=nb,
+            new_seconds_to_old_mean=None if ns is None else round(ns, 2),
+            new_speedup_to_old=None if ns is None else round(r.times[i] / ns, 2),
+        )
         table.append(row)
 
     doc = {
@@ -197,6 +242,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "versions": versions(),
         "convlens": convlens_row,
+        "convlens_new": new_row,
         **lucent_rows,
         "batching": batching,
         "table": table,

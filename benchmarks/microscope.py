@@ -75,8 +75,19 @@ def _reach(target: float, points: list[tuple[int, float, float]]) -> tuple[int, 
 
 
 def _convlens_renders(
-    bundle: Any, chans: list[int], size: int, steps: int, every: int, batch: int, dev: Any
+    bundle: Any,
+    chans: list[int],
+    size: int,
+    steps: int,
+    every: int,
+    batch: int,
+    dev: Any,
+    precision: str = "float32",
+    schedule: str = "constant",
 ) -> dict[str, Any]:
+    """The microscope's render code on the channel rows of ``chans``; ``points``: (step,
+    mean objective over the channels, seconds of optimisation) every ``every`` steps
+    (``every=steps``: the end only), and ``final``: each channel's objective at the end."""
     from convlens.analysis.featurevis import score
     from convlens.analysis.featurevis.objectives import channel
     from convlens.analysis.featurevis.render import _fold_checked, _frozen
@@ -84,7 +95,7 @@ def _convlens_renders(
     from convlens.models.layers import evaluating
 
     net = bundle.model
-    plan = _plan(net, bundle, size, steps, 0.05, 0, 0)
+    plan = _plan(net, bundle, size, steps, None, 0, 0, precision=precision, schedule=schedule)
     snaps = list(range(every, steps + 1, every))
     per_step: dict[int, list[torch.Tensor]] = {s: [] for s in snaps}
     secs: dict[int, float] = dict.fromkeys(snaps, 0.0)
@@ -109,7 +120,13 @@ def _convlens_renders(
         imgs = torch.cat(per_step[s])
         vals = score(bundle, objective, imgs, device=dev)
         points.append((s, float(vals.mean()), secs[s]))
-    return {"points": points, "folded_batchnorms": folded}
+    return {
+        "points": points,
+        "final": [round(float(v), 4) for v in vals],
+        "folded_batchnorms": folded,
+        "precision": plan.precision,
+        "schedule": plan.settings["schedule"],
+    }
 
 
 def _lucent_renders(
@@ -137,29 +154,80 @@ def _lucent_renders(
 
 
 def _part_renders(args: argparse.Namespace, dev: Any) -> dict[str, Any]:
+    """Lucent, convlens as it was (float32, Lucid's constant 0.05: ``"old"``) and convlens
+    at its defaults (``precision="auto"``, the cosine schedule: ``"new"``) on the same
+    channels. The cosine schedule is planned for its step budget, so "new" runs once per
+    budget in ``--budgets``, and the time it needs to reach an objective is that of the
+    smallest budget whose final mean reaches it (``_reach`` over the budgets' ends)."""
     bundle = convlens.load_model("efficientnet_lite0", device=dev)
     chans = list(range(args.channels))
     thresholds = tuple(int(s) for s in args.lucent_steps.split(","))
+    budgets = [int(b) for b in args.budgets.split(",")]
     print(f"renders: {len(chans)} channels of {LAYER}, {args.size} px, batch {args.batch}")
-    ours = _convlens_renders(bundle, chans, args.size, max(thresholds), args.every, args.batch, dev)
-    for s, m, t in ours["points"]:
+    old = _convlens_renders(bundle, chans, args.size, max(thresholds), args.every, args.batch, dev)
+    for s, m, t in old["points"]:
         if s in thresholds:
-            print(f"  convlens {s:>4} steps: {t:7.1f} s, mean objective {m:.3f}")
-    doc: dict[str, Any] = {"convlens": ours}
+            print(f"  convlens old {s:>4} steps: {t:7.1f} s, mean objective {m:.3f}")
+    new_runs = {}
+    for b in budgets:
+        run = _convlens_renders(
+            bundle, chans, args.size, b, b, args.batch, dev, args.precision, args.schedule
+        )
+        new_runs[b] = run
+        print(
+            f"  convlens new {b:>4} steps: {run['points'][-1][2]:7.1f} s, mean {run['points'][-1][1]:.3f}"
+        )
+    new_points = [run["points"][-1] for _, run in sorted(new_runs.items())]
+    doc: dict[str, Any] = {
+        "convlens": old,
+        "convlens_new": {"budgets": {str(b): r for b, r in new_runs.items()}, "points": new_points},
+    }
+    old_final = old["points"][-1]
+    got = _reach(old_final[1], new_points)
+    own = {
+        "old_steps": old_final[0],
+        "old_seconds": round(old_final[2], 2),
+        "old_mean": round(old_final[1], 3),
+    }
+    if got is not None:
+        own.update(
+            new_steps=got[0], new_seconds=round(got[1], 2), speedup=round(old_final[2] / got[1], 2)
+        )
+    doc["own"] = own
+    print(f"  new vs old {old_final[0]}-step float32 objective: {own}")
+    if args.default_steps in new_runs:  # per channel: the new default against the old one
+        a = torch.tensor(new_runs[args.default_steps]["final"])
+        b_ = torch.tensor(old["final"])
+        ratio = a / b_
+        doc["per_channel"] = {
+            "new_steps": args.default_steps,
+            "old_steps": old_final[0],
+            "ratio_quantiles": {
+                q: round(float(ratio.quantile(q)), 3) for q in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+            },
+            "channels_at_least_old": int((a >= b_).sum()),
+            "channels": len(chans),
+        }
+        print(f"  per channel, new {args.default_steps} / old: {doc['per_channel']}")
     if args.skip_lucent:
         return doc
     theirs = _lucent_renders(bundle, chans, args.size, thresholds, args.batch, dev)
     doc["lucent"] = theirs
     table = []
     for s, m, t in theirs["points"]:
-        got = _reach(m, ours["points"])
-        row = {"lucent_steps": s, "lucent_seconds": round(t, 2), "lucent_mean": round(m, 3)}
-        if got is not None:
-            row.update(
-                convlens_steps=got[0],
-                convlens_seconds=round(got[1], 2),
-                speedup=round(t / got[1], 2),
-            )
+        row: dict[str, Any] = {
+            "lucent_steps": s,
+            "lucent_seconds": round(t, 2),
+            "lucent_mean": round(m, 3),
+        }
+        for name, points in (("old", old["points"]), ("new", new_points)):
+            hit = _reach(m, points)
+            if hit is not None:
+                row[name] = {
+                    "steps": hit[0],
+                    "seconds": round(hit[1], 2),
+                    "speedup": round(t / hit[1], 2),
+                }
         table.append(row)
         print(f"  lucent   {s:>4} steps: {t:7.1f} s, mean objective {m:.3f}; convlens: {row}")
     doc["table"] = table
@@ -332,7 +400,10 @@ def _stages(site: Path) -> dict[str, Any]:
         "work": doc["work"],
         "channels": sum(len(layer["units"]) for layer in doc["layers"]),
         "images": doc["dataset"]["size"],
-        "settings": {k: doc["settings"][k] for k in ("steps", "k", "diversity", "batch", "device")},
+        "settings": {
+            k: doc["settings"][k]
+            for k in ("steps", "k", "diversity", "batch", "device", "precision", "schedule")
+        },
     }
 
 
@@ -370,7 +441,9 @@ def _part_full(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             site = Path(tmp) / "site"
             base = ["-m", "convlens", "microscope", "--data", str(val), "--layers", LAYER]
-            base += ["--steps", str(args.full_steps), "--quiet", "--out", str(site)]
+            if args.full_steps:
+                base += ["--steps", str(args.full_steps)]
+            base += ["--quiet", "--out", str(site)]
             base += ["--device", args.device]
             if args.full_channels:
                 base += ["--channels", args.full_channels]
@@ -394,13 +467,17 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=32)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8, help="channels per render batch")
-    ap.add_argument("--lucent-steps", default="16,64")
+    ap.add_argument("--lucent-steps", default="64,256")
+    ap.add_argument("--budgets", default="32,48,64,96,128", help="convlens's new step budgets")
+    ap.add_argument("--precision", default="auto", help="convlens's new precision")
+    ap.add_argument("--schedule", default="cosine", help="convlens's new schedule")
+    ap.add_argument("--default-steps", type=int, default=96, help="the microscope's default")
     ap.add_argument("--every", type=int, default=2, help="convlens measures every N steps")
     ap.add_argument("--skip-lucent", action="store_true")
     ap.add_argument("--skip-renders", action="store_true")
     ap.add_argument("--skip-quick", action="store_true")
     ap.add_argument("--skip-full", action="store_true")
-    ap.add_argument("--full-steps", type=int, default=256)
+    ap.add_argument("--full-steps", type=int, default=None, help="default: the command's")
     ap.add_argument("--full-channels", default=None, help="e.g. 0-15 (default: all 112)")
     ap.add_argument("--torchrun", type=int, default=0, help="also run the full one under torchrun")
     ap.add_argument("--skip-attribution", action="store_true")

@@ -350,6 +350,7 @@ def _render_batch(
     images of each channel (default: channel, neuron, negative, the diversity set);
     ``record(step, images, values, seconds)`` is called after each step in
     ``snapshots`` (for benchmarks; its own time is not counted)."""
+    from convlens.analysis.featurevis._amp import MixedPrecision
     from convlens.analysis.featurevis.objectives import Objective
     from convlens.analysis.featurevis.param import ImageParam
     from convlens.analysis.featurevis.render import _Forward
@@ -374,24 +375,30 @@ def _render_batch(
         ]
         param.raw.copy_(torch.stack(inits))
     param = param.to(dev)
-    opt = torch.optim.Adam(param.parameters(), lr=plan.lr)
+    params = list(param.parameters())
+    opt = torch.optim.Adam(params, lr=plan.lr)
+    mp = MixedPrecision(plan.precision, dev, plan.dtype)
     tgen = torch.Generator().manual_seed(plan.seed)  # the same transforms for every batch
     fwd = _Forward(net, obj)
     elapsed, t0 = 0.0, time.perf_counter()
     with fwd.hooked(False):
         for step in range(plan.steps):
+            for group in opt.param_groups:
+                group["lr"] = plan.schedule.rate(step, plan.steps, plan.lr)
             opt.zero_grad(set_to_none=True)
             image = param()
             x = plan.pipe(plan.transform(image, tgen))
-            v = obj(fwd(x, image))
+            with mp.autocast():
+                acts = fwd(x, image)
+            v = obj(acts)
             loss = -v.sum()
             if not torch.isfinite(loss):
                 raise ConvlensError(
                     f"a render of {layer!r} became {float(loss.detach())}: lower lr "
                     f"(now {plan.lr}) or check the layer"
                 )
-            loss.backward()
-            opt.step()
+            if mp.backward(loss, params):
+                opt.step()
             if record is not None and step + 1 in snapshots:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
@@ -420,6 +427,9 @@ class _RenderPlan:
     pipe: Any
     transform: Any
     settings: dict[str, Any]
+    precision: str = "float32"
+    schedule: Any = None
+    dtype: torch.dtype = torch.float32
 
 
 def _plan(
@@ -427,17 +437,25 @@ def _plan(
     bundle: Any,
     size: int,
     steps: int,
-    lr: float,
+    lr: float | None,
     seed: int,
     diversity: int,
     diversity_weight: float = _DIVERSITY_WEIGHT,
+    precision: str = "auto",
+    schedule: Any = "cosine",
+    dev: torch.device | None = None,
 ) -> _RenderPlan:
+    """How the renders run. ``lr`` ``None``: the schedule's peak. The precision is
+    resolved here (on ``dev``, default the model's device) so that the settings, and the
+    folder key derived from them, name what actually ran."""
+    from convlens.analysis.featurevis._amp import MixedPrecision
     from convlens.analysis.featurevis.render import (
         _normalizer,
         _Pipeline,
         _transforms,
         _upsample_size,
     )
+    from convlens.analysis.featurevis.schedule import get_schedule
     from convlens.models.forms import dtype_name, input_channels, model_dtype
 
     channels = input_channels(net, bundle)
@@ -446,10 +464,15 @@ def _plan(
     up = _upsample_size(True, bundle, (size, size))
     dtype = model_dtype(net)
     pipe = _Pipeline(normalize, up, True, dtype)
+    sched = get_schedule(schedule)
+    peak = float(sched.lr if lr is None else lr)
+    mp = MixedPrecision(precision, dev if dev is not None else model_device(net), dtype)
     settings = {
         "size": size,
         "steps": steps,
-        "lr": lr,
+        "lr": peak,
+        "schedule": sched.describe(peak),
+        "precision": mp.name,
         "seed": seed,
         "diversity": diversity,
         "diversity_weight": diversity_weight,
@@ -462,7 +485,19 @@ def _plan(
         "dtype": dtype_name(dtype),
     }
     return _RenderPlan(
-        size, steps, lr, seed, diversity, diversity_weight, channels, pipe, transform, settings
+        size,
+        steps,
+        peak,
+        seed,
+        diversity,
+        diversity_weight,
+        channels,
+        pipe,
+        transform,
+        settings,
+        mp.name,
+        sched,
+        dtype,
     )
 
 
@@ -1323,7 +1358,7 @@ def microscope(
     device: DeviceLike | None = None,
     force: bool = False,
     seed: int = 0,
-    lr: float = 0.05,
+    lr: float | None = None,
     diversity_weight: float = _DIVERSITY_WEIGHT,
     split: str = "val",
     preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -1332,6 +1367,8 @@ def microscope(
     settings: dict[str, Any] | None = None,
     attributions: bool = True,
     strict: bool = False,
+    precision: str = "auto",
+    schedule: Any = "cosine",
 ) -> Path:
     """Build a browsable static site of every channel of ``layers``: feature
     visualizations beside dataset examples, statistics and connections; returns ``out``.
@@ -1339,8 +1376,11 @@ def microscope(
     ``model``: a :class:`convlens.ModelBundle` or an ``nn.Module``; ``data``: anything
     :func:`convlens.dataset_examples` reads (``convlens.data.shapes()``, a folder, a
     dataset). ``channels`` (``"0-63"``, a list or ``{layer: ...}``) limits the channels;
-    ``k`` examples each way; ``steps``, ``size``, ``lr``, ``seed``: the renders (``size``
-    px, upsampled to a bundle's input size as ``render`` does); ``diversity`` images in
+    ``k`` examples each way; ``steps``, ``size``, ``lr``, ``seed``, ``schedule``,
+    ``precision``: the renders, as :func:`convlens.render` takes them (``size``
+    px, upsampled to a bundle's input size as ``render`` does; ``precision="auto"``:
+    bfloat16 autocast where the hardware is fast at it; ``schedule="constant"``, Lucid's
+    constant 0.05, reproduces renders made before the ``"cosine"`` default); ``diversity`` images in
     the diversity set (0 for none), pushed apart by Lucid's diversity term with
     ``diversity_weight`` (Lucid's 1e2 against the channel's mean); ``batch`` channels rendered together (``"auto"``: 8
     on a CPU, 32 on a GPU; it changes the speed, not the images). ``force`` recomputes
@@ -1389,8 +1429,14 @@ def microscope(
         raise TypeError(f"attributions is True or False, got {attributions!r}")
     if not (isinstance(diversity_weight, (int, float)) and math.isfinite(diversity_weight)):
         raise ValueError(f"diversity_weight must be a finite number, got {diversity_weight!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    from convlens.analysis.featurevis.schedule import get_schedule
+    from convlens.device import PRECISIONS
+
+    get_schedule(schedule)  # an unknown name fails before the dataset pass, not after
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ValueError(f"batch must be a positive integer or 'auto', got {batch!r}")
     if isinstance(layers, str):
@@ -1475,7 +1521,19 @@ def microscope(
 
         # 2. the renders, split over the ranks
         t0 = time.perf_counter()
-        plan = _plan(net, bundle, size, steps, lr, seed, diversity, diversity_weight)
+        plan = _plan(
+            net,
+            bundle,
+            size,
+            steps,
+            lr,
+            seed,
+            diversity,
+            diversity_weight,
+            precision=precision,
+            schedule=schedule,
+            dev=dev,
+        )
         r_settings = {**plan.settings, "weights": weights, "device": dev.type, "v": _RENDER_VERSION}
         dirs = {key: _layer_dir(i, key) for i, key in enumerate(keys)}
         render_dirs = {
@@ -1561,7 +1619,9 @@ def microscope(
                     "diversity_weight": diversity_weight,
                     "batch": render_batch,
                     "seed": seed,
-                    "lr": lr,
+                    "lr": plan.lr,
+                    "schedule": plan.schedule.name,
+                    "precision": plan.precision,
                     "device": str(dev),
                     "world_size": ctx.world,
                     "dtype": plan.settings["dtype"],

@@ -716,7 +716,9 @@ def _featurevis(ctx: _Ctx) -> dict[str, Any]:
             f"What input makes a unit fire hardest? For each of the first {n} channels of "
             f"{bundle.name}'s {layer}, an image optimised for {ctx.cfg.vis_steps} steps "
             "(1/f Fourier parameterization, decorrelated colour, Lucid's random "
-            "transforms, Adam at 0.05) to maximise that channel's mean activation."
+            f"transforms, Adam with the {r.settings['schedule']['name']} learning-rate "
+            f"schedule peaking at {r.settings['lr']:g}, the model's forward in "
+            f"{r.settings['precision']}) to maximise that channel's mean activation."
         ),
         "figures": [
             ctx.save(feature_vis(r, title=f"{bundle.name} {layer}"), "featurevis_grid.png")
@@ -734,6 +736,8 @@ def _featurevis(ctx: _Ctx) -> dict[str, Any]:
             "steps": ctx.cfg.vis_steps,
             "size": ctx.cfg.vis_size,
             "seconds": round(r.times[-1], 1),
+            "schedule": r.settings["schedule"]["name"],
+            "precision": r.settings["precision"],
         },
     }
 

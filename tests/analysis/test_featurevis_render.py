@@ -79,9 +79,14 @@ def test_same_seed_same_images_other_seed_differs():
 
 
 def test_threshold_snapshots_equal_shorter_renders():
-    long = render(Tiny(), "conv2:2", size=24, steps=8, thresholds=(3,), progress=False)
-    short = render(Tiny(), "conv2:2", size=24, steps=3, progress=False)
+    # With a constant rate a snapshot at step 3 is a 3-step render; the default cosine
+    # schedule is stretched over the steps, so its step 3 of 8 is not.
+    kw = dict(size=24, progress=False, schedule="constant", precision="float32")
+    long = render(Tiny(), "conv2:2", steps=8, thresholds=(3,), **kw)
+    short = render(Tiny(), "conv2:2", steps=3, **kw)
     assert torch.equal(long.snapshots[0], short.images)
+    long = render(Tiny(), "conv2:2", steps=8, thresholds=(3,), **{**kw, "schedule": "cosine"})
+    assert not torch.equal(long.snapshots[0], short.images)
 
 
 def test_forward_stops_after_the_deepest_layer():

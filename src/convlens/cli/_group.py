@@ -214,6 +214,30 @@ def _device_option(fn: F) -> F:
     )(fn)
 
 
+def _render_options(fn: F) -> F:
+    """``--precision`` and ``--schedule``, as every command that renders takes them."""
+    from convlens.analysis.featurevis.schedule import DEFAULT_SCHEDULE, SCHEDULES
+
+    fn = click.option(
+        "--schedule",
+        type=click.Choice(list(SCHEDULES)),
+        default=DEFAULT_SCHEDULE,
+        show_default=True,
+        help="The learning rate over the steps: cosine (a warm-up to a peak, then a cosine "
+        "decay; reaches a given objective in far fewer steps) or constant (Lucid's 0.05, "
+        "the images of earlier versions).",
+    )(fn)
+    return click.option(
+        "--precision",
+        type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+        default="auto",
+        show_default=True,
+        help="The model's forward and backward under autocast (auto: bfloat16 on a CPU with "
+        "AVX-512 BF16/AMX and on CUDA 8.0+, float16 on older CUDA, else float32); the image, "
+        "Adam and the objective stay float32.",
+    )(fn)
+
+
 def _model_options(fn: F) -> F:
     fn = click.option(
         "--seed", type=int, default=0, show_default=True, help="Seed of a random init."

@@ -18,6 +18,7 @@ from convlens.cli._group import (
     _note_warnings,
     _out_option,
     _preemptible,
+    _render_options,
     _wrote,
     main,
 )
@@ -67,7 +68,13 @@ QUICK = {"channels": "0-15", "steps": 32, "k": 6, "diversity": 2}
     help="Channels rendered together (auto: 8 on a CPU, 32 on a GPU); the images do not "
     "depend on it.",
 )
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Peak learning rate of the renders (default: the schedule's: cosine 0.1, constant 0.05).",
+)
+@_render_options
 @click.option(
     "--attributions/--no-attributions",
     default=True,
@@ -108,7 +115,9 @@ def microscope_cmd(
     diversity: int,
     diversity_weight: float,
     batch: str,
-    lr: float,
+    lr: float | None,
+    precision: str,
+    schedule: str,
     attributions: bool,
     out: Path,
     force: bool,
@@ -192,6 +201,8 @@ def microscope_cmd(
                 force=force,
                 seed=seed,
                 lr=lr,
+                precision=precision,
+                schedule=schedule,
                 split=split,
                 progress=not quiet,
                 settings={"quick": quick, "model_spec": model_spec, "data_spec": data_spec},

@@ -16,6 +16,7 @@ from convlens.cli._group import (
     _note,
     _out_option,
     _output_option,
+    _render_options,
     _safe_name,
     _save_png,
     _versions,
@@ -48,7 +49,12 @@ from convlens.cli._group import (
     "network renders at 32), else 128.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Peak learning rate (default: the schedule's: cosine 0.1, constant 0.05).",
+)
 @click.option(
     "--batch",
     type=click.IntRange(min=1),
@@ -82,6 +88,7 @@ from convlens.cli._group import (
     "show nothing learned, said in every output); or a named set.",
 )
 @click.option("--arch", default=None, help="Architecture of a .pt/.pth state dict.")
+@_render_options
 @_output_option
 @_out_option(Path("out/visualize"), "PNGs, grid.png and render.json go here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -93,7 +100,7 @@ def visualize_cmd(
     steps: int,
     size: int | None,
     seed: int,
-    lr: float,
+    lr: float | None,
     batch: int | None,
     transforms: str,
     thresholds: str | None,
@@ -104,6 +111,8 @@ def visualize_cmd(
     out: Path,
     quiet: bool,
     device: str,
+    precision: str,
+    schedule: str,
 ) -> None:
     """Feature visualization: render the images that make a unit fire hardest."""
     from convlens.analysis.featurevis import default_objective, render
@@ -140,8 +149,13 @@ def visualize_cmd(
         redirect_relu=redirect_relu,
         progress=False if quiet else None,
         output=output,
+        precision=precision,
+        schedule=schedule,
     )
-    click.echo(f"{bundle.description}\n{result.objective}, {steps} steps")
+    click.echo(
+        f"{bundle.description}\n{result.objective}, {steps} steps "
+        f"({schedule} schedule, {result.settings['precision']})"
+    )
     click.echo(f"{'image':>5}  {'objective':>10}  target")
     for i, (label, value) in enumerate(zip(result.labels, result.final_values)):
         click.echo(f"{i:>5}  {float(value):>10.4g}  {label}")

@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens.analysis.featurevis import transforms as T
+from convlens.analysis.featurevis._amp import MixedPrecision
 from convlens.analysis.featurevis.objectives import INPUT, OUTPUT, Objective, parse
 from convlens.analysis.featurevis.param import ImageParam
+from convlens.analysis.featurevis.schedule import DEFAULT_SCHEDULE, Schedule, get_schedule
 from convlens.capture import _expected_calls, _StopForward, model_device
 from convlens.device import DeviceLike, resolve_device
 from convlens.errors import ConvlensError
@@ -355,6 +357,79 @@ class _Forward:
         return acts
 
 
+class _CompiledForward(_Forward):
+    """:class:`_Forward` through ``torch.compile``: the model (a private copy) traced with
+    torch.fx, its graph cut after the last layer the objective reads, and that graph
+    compiled. No hooks run, so nothing stops a compiled graph half way."""
+
+    def __init__(
+        self, net: nn.Module, objective: Objective, output: OutputKey | None = None
+    ) -> None:
+        from convlens.analysis._incremental import Unsupported, trace_model
+
+        super().__init__(net, objective, output)
+        try:
+            traced = trace_model(net, cached=False)
+        except Unsupported as err:
+            raise ConvlensError(f"compile=True: {err}; use compile=False") from None
+        graph = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node in traced.graph.nodes:
+            if node.op == "output":
+                break
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        self.keys: list[str] = []
+        outs: list[Any] = []
+        for ref in self.refs:
+            nodes = traced.module_outputs.get(ref.name, [])
+            if not nodes:
+                raise ConvlensError(
+                    f"compile=True: layer {ref.name!r} does not appear in the traced graph; "
+                    "use compile=False"
+                )
+            for k, node in enumerate(nodes):
+                self.keys.append(f"{ref.name}#{k}")
+                outs.append(env[node])
+        if self.full:
+            last = next(n for n in traced.graph.nodes if n.op == "output")
+            outs.append(torch.fx.map_arg(last.args[0], lambda n: env[n]))
+        graph.output(tuple(outs))
+        self.module = torch.fx.GraphModule(net, graph)
+        self.module.graph.eliminate_dead_code()  # what runs after the deepest layer
+        self.module.recompile()
+        self.compiled = torch.compile(self.module, dynamic=False)
+
+    @contextlib.contextmanager
+    def hooked(self, redirect_relu: bool) -> Iterator[_Forward]:
+        if redirect_relu:
+            raise ConvlensError("compile=True runs no hooks: use redirect_relu=0")
+        yield self
+
+    def __call__(self, x: torch.Tensor, image: torch.Tensor) -> Callable[[str], torch.Tensor]:
+        got = self.compiled(x)
+        n_layers = len(self.keys)
+        by_key = dict(zip(self.keys, got[:n_layers]))
+        outputs: dict[str, list[torch.Tensor]] = {}
+        for key, t in by_key.items():
+            outputs.setdefault(key.partition("#")[0], []).append(t)
+        output = got[n_layers] if self.full else None
+
+        def acts(name: str) -> torch.Tensor:
+            if name == INPUT:
+                return image
+            if name == OUTPUT:
+                value, self.output_key = select_output(output, self.output, what="class_logit")
+                return value.float()
+            base, _, call = name.partition("#")
+            seq = outputs[base]
+            k = int(call) if call else len(seq) - 1
+            if k >= len(seq):
+                raise ValueError(f"layer {base!r} runs {len(seq)} time(s); {name!r} does not exist")
+            return seq[k].float()
+
+        return acts
+
+
 class _Pipeline:
     """[0, 1] image -> (transforms) -> upsample -> normalise -> the model's dtype ->
     channels-last. Everything before the cast is float32 (the image's parameters are)."""
@@ -599,7 +674,7 @@ def render(
     *,
     size: int | tuple[int, int] | None = None,
     steps: int = 512,
-    lr: float = 0.05,
+    lr: float | None = None,
     batch: int | None = None,
     seed: int = 0,
     transforms: Any = "standard",
@@ -615,6 +690,9 @@ def render(
     device: DeviceLike | None = None,
     progress: bool | None = None,
     output: OutputKey | None = None,
+    precision: str = "auto",
+    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    compile: bool = False,
 ) -> RenderResult:
     """Images that maximise ``objective`` for ``model`` (activation maximization).
 
@@ -628,7 +706,19 @@ def render(
     (``upsample=False`` turns that off, an int sets the size; a bare module is not
     upsampled unless given one). ``batch``: images to render (default: what the
     objective needs, else 1).
-    ``steps``, ``lr``: Adam's iterations and learning rate. ``seed``: the starting image
+    ``steps``: Adam's iterations. ``schedule``: how the learning rate moves over them
+    (``"cosine"``, the default: a short warm-up to a peak of 0.1 and a cosine decay, which
+    reaches in far fewer steps what Lucid's ``"constant"`` 0.05 reaches; ``"constant"``
+    reproduces earlier renders; or a :class:`~.schedule.Schedule`); ``lr`` overrides the
+    schedule's peak. ``precision``: the model's forward and backward under autocast
+    (``"auto"``, the default: bfloat16 on a CPU with AVX-512 BF16 or AMX and on CUDA with
+    compute capability 8.0+, float16 with loss scaling on older CUDA, else float32;
+    ``"float32"``, ``"bfloat16"``, ``"float16"``); the image's parameters, Adam and the
+    objective stay float32, and ``values`` are measured in float32. ``compile``: run the
+    forward and backward through ``torch.compile`` (the model traced with torch.fx and cut
+    after the objective's deepest layer; layer objectives, no ``redirect_relu``); off by
+    default: measured on a 2-core CPU it is slower than eager, also after its compile
+    time (see ``benchmarks/README.md``). ``seed``: the starting image
     and every transform draw. ``transforms``: ``"standard"`` (Lucid's set, fused),
     ``"none"``, or a list of transforms. ``thresholds``: step counts at which to keep a
     snapshot and measure the objective. ``fft``/``decorrelate``: the parameterization
@@ -667,8 +757,10 @@ def render(
     channels = input_channels(net, bundle)
     if size is None:
         size = _default_size(bundle)
-    if not (isinstance(lr, (int, float)) and lr > 0):
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    sched = get_schedule(schedule)
+    peak = float(sched.lr if lr is None else lr)
     if param is not None:
         n = param.batch
     else:
@@ -682,6 +774,7 @@ def render(
     if device is not None:
         net.to(dev)
     dtype = model_dtype(net)
+    mp = MixedPrecision(precision, dev, dtype)
     normalize, norm_text = _normalizer(preprocess, bundle, channels)
     transform, transform_text = _transforms(transforms)
     gen = torch.Generator().manual_seed(int(seed))  # CPU: the same draws on every device
@@ -698,7 +791,8 @@ def render(
     param = param.to(dev)
     hw = (param.height, param.width)
     pipe = _Pipeline(normalize, _upsample_size(upsample, bundle, hw), channels_last, dtype)
-    opt = torch.optim.Adam(param.parameters(), lr=lr)
+    params = list(param.parameters())
+    opt = torch.optim.Adam(params, lr=peak)
 
     from tqdm.auto import tqdm
 
@@ -716,24 +810,33 @@ def render(
             start = torch.rand(1, channels, *hw, generator=torch.Generator().manual_seed(0))
             example = pipe(start)
             run_net, folded = _fold_checked(net, obj, example.to(dev), channels_last, output)
-        fwd = _Forward(run_net, obj, output)
+        if compile:
+            if redirect_relu > 0:
+                raise ConvlensError("compile=True runs no hooks: use redirect_relu=0")
+            fwd: _Forward = _CompiledForward(run_net, obj, output)
+        else:
+            fwd = _Forward(run_net, obj, output)
         stack.enter_context(fwd.hooked(redirect_relu > 0))
         bar = tqdm(range(ts[-1]), desc="render", unit="step", disable=_no_bar(progress))
         t0 = time.perf_counter()
         for step in bar:
             fwd.redirect = step < redirect_relu
+            for group in opt.param_groups:
+                group["lr"] = sched.rate(step, ts[-1], peak)
             opt.zero_grad(set_to_none=True)
             image = param()
             x = pipe(transform(image, gen))
-            v = _values(obj, fwd(x, image), n)
+            with mp.autocast():
+                acts = fwd(x, image)
+            v = _values(obj, acts, n)
             loss = -v.sum()
             if not torch.isfinite(loss):
                 raise ConvlensError(
                     f"the objective became {float(loss.detach())} at step {step + 1}: "
-                    f"lower lr (now {lr}) or check the objective"
+                    f"lower lr (now {peak}) or check the objective"
                 )
-            loss.backward()
-            opt.step()
+            if mp.backward(loss, params):
+                opt.step()
             trace[step] = v.detach().cpu()
             if step + 1 in ts:
                 if dev.type == "cuda":
@@ -752,7 +855,9 @@ def render(
         "objective": str(obj),
         "size": list(hw),
         "steps": ts[-1],
-        "lr": lr,
+        "lr": peak,
+        "schedule": sched.describe(peak),
+        **mp.settings(),
         "batch": n,
         "seed": seed,
         "transforms": transform_text,
@@ -762,6 +867,7 @@ def render(
         "decorrelate": param.decorrelate,
         "redirect_relu": redirect_relu,
         "folded_batchnorms": folded,
+        "compiled": bool(compile),
         "optimizer": "Adam",
         "device": str(dev),
         "channels": channels,
