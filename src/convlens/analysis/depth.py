@@ -41,6 +41,11 @@ class DepthMaps:
     shapes: dict[str, tuple[int, int, int]]
     relu: bool
 
+    def _repr_html_(self) -> str:
+        from convlens._notebook import depth_maps
+
+        return depth_maps(self)
+
     def to_dict(self) -> dict[str, Any]:
         """Everything but the tensors: model, layers, shapes, and each map's range."""
         return {

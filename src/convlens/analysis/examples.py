@@ -262,6 +262,18 @@ class DatasetExamples:
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     preprocess: Any = field(default=None, repr=False, compare=False)
 
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{n}: {len(le.channels)} ch" for n, le in self.layers.items())
+        return (
+            f"DatasetExamples({self.dataset!r}, {self.length} images, k={self.k}, "
+            f"reduce={self.reduce!r}, layers {{{layers}}})"
+        )
+
+    def _repr_html_(self) -> str:
+        from convlens._notebook import dataset_examples
+
+        return dataset_examples(self)
+
     # ---- accessors
 
     def _layer(self, layer: str) -> LayerExamples:
@@ -1510,7 +1522,7 @@ def dataset_examples(
             start = int(ck["next_batch"])
     every = max(1, math.ceil(checkpoint_every / bs))
 
-    from tqdm.auto import tqdm
+    from convlens._progress import tqdm
 
     done_images = sum(len(b) for b in batches[:start])
     bar = tqdm(

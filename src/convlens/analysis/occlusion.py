@@ -197,6 +197,18 @@ class OcclusionResult:
 
         return undo(self.original), undo(self.occluded)
 
+    def __repr__(self) -> str:
+        inside = ", ".join(f"{k}={v:.3g}" for k, v in self.inside_fraction.items())
+        return (
+            f"OcclusionResult(box={tuple(self.box)}, fill={self.fill!r}, "
+            f"inside_fraction: {inside or '-'})"
+        )
+
+    def _repr_html_(self) -> str:
+        from convlens._notebook import occlusion_result
+
+        return occlusion_result(self)
+
     def to_dict(self) -> dict[str, Any]:
         """The numbers: box, fill, and per layer ``inside_fraction``, ``area_fraction``, ..."""
         return {

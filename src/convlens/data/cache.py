@@ -170,7 +170,7 @@ def _build(
     workers: int | None,
     progress: bool,
 ) -> None:
-    from tqdm.auto import tqdm
+    from convlens._progress import tqdm
 
     spec = data.spec
     paths = [p for p, _ in data.samples]

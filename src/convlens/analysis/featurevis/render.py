@@ -108,6 +108,11 @@ class RenderResult:
             f"{self.thresholds[-1]} steps, values [{vals}{more}])"
         )
 
+    def _repr_html_(self) -> str:
+        from convlens._notebook import render_result
+
+        return render_result(self)
+
 
 # ------------------------------------------------------------------------ inputs
 
@@ -700,7 +705,7 @@ def render(
     pipe = _Pipeline(normalize, _upsample_size(upsample, bundle, hw), channels_last, dtype)
     opt = torch.optim.Adam(param.parameters(), lr=lr)
 
-    from tqdm.auto import tqdm
+    from convlens._progress import tqdm
 
     snapshots: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
