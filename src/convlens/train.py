@@ -129,7 +129,12 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What :func:`train` produced: the model, the history and the final evaluation."""
+    """What :func:`train` produced: the model, the history and the final evaluation.
+
+    Example:
+        >>> r = convlens.train(convlens.SimpleCNN(10), train, val, epochs=3)
+        >>> r.val_accuracy, r.history[-1]["train_loss"], r.final.per_class_accuracy
+    """
 
     model: nn.Module = field(repr=False)
     history: list[dict[str, Any]]

@@ -32,6 +32,11 @@ class DepthMaps:
     resize and crop); ``maps[layer]`` is ``[h, w]``; ``shapes[layer]`` the layer's
     ``(channels, h, w)``; ``model`` the bundle's description (it says "random init" for
     an untrained model).
+
+    Example:
+        >>> from convlens.analysis import depth_maps
+        >>> d = depth_maps(bundle, convlens.sample_image())
+        >>> d.layers, d.shapes[d.layers[0]]
     """
 
     model: str

@@ -110,7 +110,12 @@ class _Record:
 class Example(_Record):
     """One dataset example of a channel: the image's global ``index`` in the dataset, its
     ``score``, the position ``(y, x)`` of its maximum on the layer's map, its ``label``
-    (``None`` without labels) and its file (``None`` for an in-memory dataset)."""
+    (``None`` without labels) and its file (``None`` for an in-memory dataset).
+
+    Example:
+        >>> e = r.top("bn3", 5)[0]
+        >>> e.index, e.score, (e.y, e.x), e.label
+    """
 
     index: int
     score: float

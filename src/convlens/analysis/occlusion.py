@@ -131,7 +131,12 @@ def apply_fill(
 
 @dataclass(frozen=True)
 class LayerChange:
-    """How one layer's output changed under the occlusion."""
+    """How one layer's output changed under the occlusion.
+
+    Example:
+        >>> ch = convlens.occlude(model, x, box=(30, 90, 40, 110), layers=["bn1"]).layers["bn1"]
+        >>> ch.inside_fraction, ch.area_fraction, ch.diff.shape
+    """
 
     layer: str
     diff: torch.Tensor  # [h, w] channel-mean absolute difference
@@ -162,6 +167,11 @@ class OcclusionResult:
 
     ``original`` and ``occluded`` are the model inputs ``[C, H, W]`` (normalised);
     ``mean``/``std`` undo that for display (:meth:`display_images`).
+
+    Example:
+        >>> r = convlens.occlude(model, x, box=(30, 90, 40, 110), layers=["bn1", "layer4"])
+        >>> r.inside_fraction  # {'bn1': ..., 'layer4': ...}
+        >>> r.save("occ/")  # occ/occlusion.json
     """
 
     box: Box

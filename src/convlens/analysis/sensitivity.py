@@ -212,6 +212,10 @@ class SensitivityResult:
     ``attribution`` ``[H, W]`` is Captum's ``Occlusion`` output for the same settings
     (identical across channels, so one channel): the mean drop over the windows covering
     each pixel. ``input`` is the (normalised) model input ``[C, H, W]``.
+
+    Example:
+        >>> s = convlens.sensitivity(bundle, x, 258, window=32, stride=16)
+        >>> s.map.shape, s.score, s.to_dict()["largest_drop"]
     """
 
     map: torch.Tensor

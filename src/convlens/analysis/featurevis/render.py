@@ -72,6 +72,10 @@ class RenderResult:
     ``trace`` ``[steps, N]`` the objective at every step, under that step's transforms;
     ``settings`` everything needed to reproduce the render; ``labels`` what each image
     maximises (``"mixed4a:3"``).
+
+    Example:
+        >>> r = convlens.render(bundle, "blocks.4:0-9", steps=64)
+        >>> r.images.shape, r.final_values  # [10, 3, 128, 128], one value per image
     """
 
     images: torch.Tensor
