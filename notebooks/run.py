@@ -32,7 +32,6 @@ def run(
     nb = nbformat.read(HERE / name, as_version=4)
     os.environ["CONVLENS_QUICK"] = "1" if quick else "0"
     os.environ["CONVLENS_NOTEBOOK_OUT"] = str(out)
-    os.environ.setdefault("MPLBACKEND", "Agg")
     client = NotebookClient(
         nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(out)}}
     )

@@ -247,3 +247,21 @@ def test_importing_results_does_not_import_matplotlib() -> None:
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_figures_show_as_png_in_ipython() -> None:
+    pytest.importorskip("IPython")
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import convlens.plot
+    from convlens.plot._base import show_in_jupyter
+
+    assert show_in_jupyter() is False  # no shell yet
+    shell = InteractiveShell.instance()
+    try:
+        assert show_in_jupyter() is True
+        assert show_in_jupyter() is False  # once
+        data, _ = shell.display_formatter.format(convlens.plot.kernels())
+        assert data["image/png"][:4] == b"\x89PNG"
+    finally:
+        InteractiveShell.clear_instance()
