@@ -29,10 +29,12 @@ PUBLIC = [
 ]
 
 
-def public_names() -> dict[str, list[str]]:
-    """``{package: [dotted name of each public function and class it exports]}``, each
-    object listed once (under the first package that exports it)."""
-    out: dict[str, list[str]] = {}
+def public_objects() -> dict[str, list[tuple[str, str]]]:
+    """``{package: [(public dotted name, defining dotted name), ...]}`` for each public
+    function and class, each object once (under the first package that exports it). The
+    defining name (``convlens.capture.capture``) is what the reference resolves, since a
+    public name can also be a module's (``convlens.capture``)."""
+    out: dict[str, list[tuple[str, str]]] = {}
     seen: set[int] = set()
     for pkg in PUBLIC:
         mod = (
@@ -48,19 +50,30 @@ def public_names() -> dict[str, list[str]]:
             if not (inspect.isfunction(obj) or inspect.isclass(obj)) or id(obj) in seen:
                 continue
             seen.add(id(obj))
-            names.append(f"{mod.__name__}.{name}")
+            names.append((f"{pkg}.{name}", f"{obj.__module__}.{obj.__qualname__}"))
         out[pkg] = names
     return out
 
 
+def public_names() -> dict[str, list[str]]:
+    """``{package: [public dotted name, ...]}`` (see :func:`public_objects`)."""
+    return {pkg: [public for public, _ in objs] for pkg, objs in public_objects().items()}
+
+
 def api_markdown() -> str:
     lines = []
-    for pkg, names in public_names().items():
-        if not names:
+    for pkg, objs in public_objects().items():
+        if not objs:
             continue
         lines += [f"## `{pkg}`", ""]
-        for dotted in names:
-            lines += [f"::: {dotted}", ""]
+        for public, defined in objs:
+            lines += [
+                f"::: {defined}",
+                "    options:",
+                f'      heading: "{public}"',
+                f'      toc_label: "{public.rsplit(".", 1)[-1]}"',
+                "",
+            ]
     return "\n".join(lines)
 
 

@@ -55,11 +55,11 @@ def test_the_api_reference_covers_every_package_with_an_all() -> None:
 def test_every_public_name_has_a_docstring_with_an_example() -> None:
     hooks = _hooks()
     offenders = []
-    for dotted in (n for ns in hooks.public_names().values() for n in ns):
-        mod, name = dotted.rsplit(".", 1)
+    for public, defined in (o for objs in hooks.public_objects().values() for o in objs):
+        mod, name = defined.rsplit(".", 1)
         doc = inspect.getdoc(getattr(importlib.import_module(mod), name)) or ""
         if not re.search(r"^Examples?:\s*$", doc, re.MULTILINE):
-            offenders.append(dotted)
+            offenders.append(public)
     assert not offenders, f"public names without an 'Example:' section: {offenders}"
 
 
