@@ -58,8 +58,9 @@ def test_kernel_without_widgets_redraws_at_most_once_a_second(
 
 
 def test_kernel_with_widgets_uses_tqdm_notebook(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tqdm.notebook  # before the fake kernel: ipywidgets reads the real ipykernel
+
     _fake_kernel(monkeypatch, widgets=True)
-    import tqdm.notebook
 
     made: list[dict[str, object]] = []
 
