@@ -195,7 +195,7 @@ def classify(
     results: list[list[Prediction]] = []
     chunks = _chunks(items, batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from convlens._progress import tqdm
 
         total = -(-len(items) // batch_size)
         chunks = tqdm(chunks, total=total, desc="classify", unit="batch", disable=None)

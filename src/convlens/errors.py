@@ -23,7 +23,14 @@ __all__ = [
 
 
 class ConvlensError(Exception):
-    """Base class of the errors convlens raises on purpose."""
+    """Base class of the errors convlens raises on purpose.
+
+    Example:
+        >>> try:
+        ...     convlens.load_model("no_such_model")
+        ... except convlens.ConvlensError as e:
+        ...     print(str(e).splitlines()[0])
+    """
 
 
 class ConvlensWarning(UserWarning):

@@ -521,8 +521,7 @@ def _render_units(
 ) -> tuple[int, int]:
     """Render every unfinished unit of ``units`` (this rank's), ``batch`` channels at a
     time; returns ``(rendered, reused)``."""
-    from tqdm.auto import tqdm
-
+    from convlens._progress import tqdm
     from convlens.analysis.featurevis.objectives import channel as channel_obj
     from convlens.analysis.featurevis.render import _fold_checked, _frozen
     from convlens.models.forms import dtype_support, is_scripted
@@ -624,8 +623,7 @@ def _example_units(
 ) -> tuple[int, int]:
     """Write each unit's example crops (top with the activation overlaid, the whole top
     images small with the box drawn, bottom); returns ``(written, reused)``."""
-    from tqdm.auto import tqdm
-
+    from convlens._progress import tqdm
     from convlens.analysis.examples import crops
 
     written = reused = 0
@@ -897,8 +895,7 @@ def _attribution_units(
     """Attribute each unit's top examples to their pixels (``plan``), many (image, unit)
     pairs per forward and backward, the forward stopped at the layer; each unit's overlays
     and numbers written as soon as its examples are done. Returns ``(written, reused)``."""
-    from tqdm.auto import tqdm
-
+    from convlens._progress import tqdm
     from convlens.analysis._sources import fix_size
     from convlens.analysis.attribution._core import clean
     from convlens.models.layers import unwrap

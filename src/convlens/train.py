@@ -105,6 +105,17 @@ class EvalResult:
     labels: torch.Tensor  # [N]
     seconds: float = 0.0
 
+    def __repr__(self) -> str:
+        return (
+            f"EvalResult(accuracy={self.accuracy:.4g}, loss={self.loss:.4g}, "
+            f"images={self.labels.numel()}, classes={len(self.per_class_accuracy)})"
+        )
+
+    def _repr_html_(self) -> str:
+        from convlens._notebook import eval_result
+
+        return eval_result(self)
+
     def to_dict(self, classes: Sequence[str] | None = None) -> dict[str, Any]:
         names = list(classes) if classes else [str(i) for i in range(len(self.per_class_accuracy))]
         return {
@@ -118,7 +129,12 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What :func:`train` produced: the model, the history and the final evaluation."""
+    """What :func:`train` produced: the model, the history and the final evaluation.
+
+    Example:
+        >>> r = convlens.train(convlens.SimpleCNN(10), train, val, epochs=3)
+        >>> r.val_accuracy, r.history[-1]["train_loss"], r.final.per_class_accuracy
+    """
 
     model: nn.Module = field(repr=False)
     history: list[dict[str, Any]]
@@ -134,6 +150,18 @@ class TrainResult:
     @property
     def val_accuracy(self) -> float | None:
         return self.final.accuracy if self.final is not None else None
+
+    def __repr__(self) -> str:
+        acc = "-" if self.val_accuracy is None else f"{self.val_accuracy:.4g}"
+        return (
+            f"TrainResult(val_accuracy={acc}, epochs={len(self.history)}, "
+            f"classes={len(self.classes)}, seconds={self.train_seconds:.3g}, out={self.out})"
+        )
+
+    def _repr_html_(self) -> str:
+        from convlens._notebook import train_result
+
+        return train_result(self)
 
     def metrics(self) -> dict[str, Any]:
         """The numbers of ``metrics.json``."""
@@ -429,7 +457,7 @@ def train(
             fh.write(save({"weight": conv1_before.contiguous()}))
 
     torch.manual_seed(cfg.seed)  # anything the model draws itself (dropout)
-    from tqdm.auto import tqdm
+    from convlens._progress import tqdm
 
     flags = [(m, m.training) for m in model.modules()]
     final: EvalResult | None = None

@@ -68,7 +68,13 @@ def normalize_maps(act: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ChannelStats:
-    """Per-channel statistics of one layer's output for one image (each a ``[C]`` tensor)."""
+    """Per-channel statistics of one layer's output for one image (each a ``[C]`` tensor).
+
+    Example:
+        >>> acts = convlens.capture(model, x, ["layer4"])
+        >>> s = convlens.channel_stats(acts["layer4"])
+        >>> s.mean.shape, float(s.fraction_active.mean())
+    """
 
     mean: torch.Tensor
     max: torch.Tensor

@@ -32,6 +32,11 @@ class DepthMaps:
     resize and crop); ``maps[layer]`` is ``[h, w]``; ``shapes[layer]`` the layer's
     ``(channels, h, w)``; ``model`` the bundle's description (it says "random init" for
     an untrained model).
+
+    Example:
+        >>> from convlens.analysis import depth_maps
+        >>> d = depth_maps(bundle, convlens.sample_image())
+        >>> d.layers, d.shapes[d.layers[0]]
     """
 
     model: str
@@ -40,6 +45,11 @@ class DepthMaps:
     maps: dict[str, torch.Tensor] = field(repr=False)
     shapes: dict[str, tuple[int, int, int]]
     relu: bool
+
+    def _repr_html_(self) -> str:
+        from convlens._notebook import depth_maps
+
+        return depth_maps(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the tensors: model, layers, shapes, and each map's range."""

@@ -110,7 +110,12 @@ class _Record:
 class Example(_Record):
     """One dataset example of a channel: the image's global ``index`` in the dataset, its
     ``score``, the position ``(y, x)`` of its maximum on the layer's map, its ``label``
-    (``None`` without labels) and its file (``None`` for an in-memory dataset)."""
+    (``None`` without labels) and its file (``None`` for an in-memory dataset).
+
+    Example:
+        >>> e = r.top("bn3", 5)[0]
+        >>> e.index, e.score, (e.y, e.x), e.label
+    """
 
     index: int
     score: float
@@ -261,6 +266,18 @@ class DatasetExamples:
     notes: tuple[str, ...] = ()
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     preprocess: Any = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{n}: {len(le.channels)} ch" for n, le in self.layers.items())
+        return (
+            f"DatasetExamples({self.dataset!r}, {self.length} images, k={self.k}, "
+            f"reduce={self.reduce!r}, layers {{{layers}}})"
+        )
+
+    def _repr_html_(self) -> str:
+        from convlens._notebook import dataset_examples
+
+        return dataset_examples(self)
 
     # ---- accessors
 
@@ -1510,7 +1527,7 @@ def dataset_examples(
             start = int(ck["next_batch"])
     every = max(1, math.ceil(checkpoint_every / bs))
 
-    from tqdm.auto import tqdm
+    from convlens._progress import tqdm
 
     done_images = sum(len(b) for b in batches[:start])
     bar = tqdm(

@@ -199,6 +199,19 @@ class SelectivityTable:
     peak: torch.Tensor  # [I, K]
     ignore_border: bool = True
 
+    def __repr__(self) -> str:
+        best = ", ".join(f"{im}->{self.best_kernel(im)}" for im in self.images[:6])
+        more = ", ..." if len(self.images) > 6 else ""
+        return (
+            f"SelectivityTable({len(self.images)} images x {len(self.kernels)} kernels, "
+            f"best: {best}{more})"
+        )
+
+    def _repr_html_(self) -> str:
+        from convlens._notebook import selectivity_table
+
+        return selectivity_table(self)
+
     def value(self, image: str, kernel: str) -> float:
         """The peak response of ``kernel`` on ``image``."""
         return float(self.peak[self.images.index(image), self.kernels.index(kernel)])

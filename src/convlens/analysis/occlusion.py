@@ -131,7 +131,12 @@ def apply_fill(
 
 @dataclass(frozen=True)
 class LayerChange:
-    """How one layer's output changed under the occlusion."""
+    """How one layer's output changed under the occlusion.
+
+    Example:
+        >>> ch = convlens.occlude(model, x, box=(30, 90, 40, 110), layers=["bn1"]).layers["bn1"]
+        >>> ch.inside_fraction, ch.area_fraction, ch.diff.shape
+    """
 
     layer: str
     diff: torch.Tensor  # [h, w] channel-mean absolute difference
@@ -162,6 +167,11 @@ class OcclusionResult:
 
     ``original`` and ``occluded`` are the model inputs ``[C, H, W]`` (normalised);
     ``mean``/``std`` undo that for display (:meth:`display_images`).
+
+    Example:
+        >>> r = convlens.occlude(model, x, box=(30, 90, 40, 110), layers=["bn1", "layer4"])
+        >>> r.inside_fraction  # {'bn1': ..., 'layer4': ...}
+        >>> r.save("occ/")  # occ/occlusion.json
     """
 
     box: Box
@@ -196,6 +206,18 @@ class OcclusionResult:
             return (t * s + m).clamp(0, 1)
 
         return undo(self.original), undo(self.occluded)
+
+    def __repr__(self) -> str:
+        inside = ", ".join(f"{k}={v:.3g}" for k, v in self.inside_fraction.items())
+        return (
+            f"OcclusionResult(box={tuple(self.box)}, fill={self.fill!r}, "
+            f"inside_fraction: {inside or '-'})"
+        )
+
+    def _repr_html_(self) -> str:
+        from convlens._notebook import occlusion_result
+
+        return occlusion_result(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The numbers: box, fill, and per layer ``inside_fraction``, ``area_fraction``, ..."""

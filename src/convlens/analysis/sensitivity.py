@@ -212,6 +212,10 @@ class SensitivityResult:
     ``attribution`` ``[H, W]`` is Captum's ``Occlusion`` output for the same settings
     (identical across channels, so one channel): the mean drop over the windows covering
     each pixel. ``input`` is the (normalised) model input ``[C, H, W]``.
+
+    Example:
+        >>> s = convlens.sensitivity(bundle, x, 258, window=32, stride=16)
+        >>> s.map.shape, s.score, s.to_dict()["largest_drop"]
     """
 
     map: torch.Tensor
@@ -247,6 +251,19 @@ class SensitivityResult:
         m = torch.tensor(self.mean).view(-1, 1, 1)
         s = torch.tensor(self.std).view(-1, 1, 1)
         return (t * s + m).clamp(0, 1)
+
+    def __repr__(self) -> str:
+        label = f" ({self.target_label})" if self.target_label else ""
+        return (
+            f"SensitivityResult(target={self.target!r}{label}, score={self.score:.4g}, "
+            f"map={'x'.join(map(str, self.map.shape))}, max drop={float(self.map.max()):.4g}, "
+            f"window={self.window}, stride={self.stride}, method={self.method!r})"
+        )
+
+    def _repr_html_(self) -> str:
+        from convlens._notebook import sensitivity_result
+
+        return sensitivity_result(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The numbers: target, score, the map with its window positions, settings."""
@@ -677,7 +694,7 @@ def sensitivity(
         bs = batch_size if isinstance(batch_size, int) else None
         if bs is None and runner is None:
             bs = _auto_batch(naive.per_window_bytes(), len(boxes), dev)
-        from tqdm.auto import tqdm
+        from convlens._progress import tqdm
 
         with tqdm(
             total=len(boxes),

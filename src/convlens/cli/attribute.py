@@ -360,7 +360,7 @@ def attribute_cmd(
         mine = distributed.shard(n, ctx.rank, ctx.world)
         entries: list[dict[str, Any]] = []
         skipped: list[dict[str, Any]] = []
-        from tqdm.auto import tqdm
+        from convlens._progress import tqdm
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

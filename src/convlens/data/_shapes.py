@@ -247,7 +247,7 @@ def generate_shapes(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        from tqdm.auto import tqdm
+        from convlens._progress import tqdm
 
         total = (train_per_class + val_per_class) * len(SHAPE_CLASSES)
         with tqdm(total=total, desc="drawing shapes", unit="img", disable=not progress) as bar:

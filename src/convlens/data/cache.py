@@ -66,6 +66,10 @@ class DecodedImages:
     ``mode="val"``: the course's Resize + CenterCrop already applied (``[N, 3, c, c]``).
     ``labels[i]`` is the class of image ``i``; ``kept[i]`` its index in the dataset's
     ``samples`` (unreadable files are left out).
+
+    Example:
+        >>> cache = convlens.data.decode_cache(train)
+        >>> len(cache.labels), cache.mode
     """
 
     path: Path
@@ -170,7 +174,7 @@ def _build(
     workers: int | None,
     progress: bool,
 ) -> None:
-    from tqdm.auto import tqdm
+    from convlens._progress import tqdm
 
     spec = data.spec
     paths = [p for p, _ in data.samples]

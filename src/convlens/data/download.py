@@ -183,7 +183,7 @@ def download(
     with atomic_open(dest.with_name(dest.name + ".sha256"), "w") as fh:
         fh.write(f"{digest}  {dest.name}\n")
     if sha256 is None and progress:
-        from tqdm.auto import tqdm
+        from convlens._progress import tqdm
 
         tqdm.write(f"sha256 {digest} {dest.name} (not pinned; recorded in {dest.name}.sha256)")
     return dest
@@ -257,7 +257,7 @@ def _stream(
     progress: bool,
     chunk: int,
 ) -> str:
-    from tqdm.auto import tqdm
+    from convlens._progress import tqdm
 
     h = hashlib.sha256()
     if offset:

@@ -114,7 +114,12 @@ def is_image_file(name: str) -> bool:
 class FolderScan:
     """What :func:`scan_image_folder` found: the classes and samples torchvision's
     ``ImageFolder(root, allow_empty=True)`` has (``labelled``), or a flat folder's images
-    with ``None`` labels; ``notes`` says what was skipped or is worth knowing."""
+    with ``None`` labels; ``notes`` says what was skipped or is worth knowing.
+
+    Example:
+        >>> scan = convlens.data.scan_image_folder("photos/")
+        >>> scan.classes, len(scan.samples), scan.labelled, scan.notes
+    """
 
     root: Path
     classes: list[str]

@@ -73,6 +73,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     Safetensors files are read with their sidecar; ``.pt``/``.pth`` files only with
     ``torch.load(weights_only=True)`` (no code runs), accepting a bare state dict or one
     under ``"state_dict"`` / ``"model"``.
+
+    Example:
+        >>> state, info = read_checkpoint("run/model.safetensors")
+        >>> info.get("arch"), len(state)
     """
     p = Path(path)
     if not p.exists():

@@ -253,7 +253,12 @@ def trace_calls(
 @dataclass(frozen=True)
 class LayerInfo:
     """One addressable module: dotted name, type, output shape(s), calls per forward, and
-    the number of parameters it holds (its submodules' included)."""
+    the number of parameters it holds (its submodules' included).
+
+    Example:
+        >>> info = convlens.list_layers(model, (1, 3, 224, 224))[1]
+        >>> info.name, info.type, info.output_shape, info.params
+    """
 
     name: str
     type: str

@@ -166,6 +166,11 @@ class ModelBundle:
     convlens output carries the description. ``weights`` names the loaded weights
     (``"IMAGENET1K_V1"``, ``"a1_in1k"``, a file name) or is ``None``; ``info["note"]``
     explains a fallback (``weights="auto"`` without the file on disk).
+
+    Example:
+        >>> bundle = convlens.load_model("efficientnet_lite0")
+        >>> x = bundle.preprocess(convlens.sample_image())  # [3, 224, 224], normalised
+        >>> bundle.description, bundle.labels[:2]
     """
 
     model: nn.Module
@@ -899,7 +904,12 @@ def as_batch(bundle: ModelBundle, images: Sequence[torch.Tensor]) -> torch.Tenso
 class ModelInfo:
     """One entry of :func:`list_models`: the spec to pass to :func:`load_model`, where it
     comes from, its default weights, and whether they are on disk (``location`` is the
-    file, or where a download would put it)."""
+    file, or where a download would put it).
+
+    Example:
+        >>> m = convlens.list_models("efficientnet_lite0")[0]
+        >>> m.name, m.on_disk
+    """
 
     name: str
     source: str

@@ -5,7 +5,7 @@ is shown or kept open behind your back: in Jupyter it displays as the cell's val
 elsewhere ``save_figure(fig, "x.png")``.
 """
 
-from convlens.plot._base import save_figure
+from convlens.plot._base import save_figure, show_in_jupyter
 from convlens.plot.activations import channel_stats, feature_maps, mean_maps
 from convlens.plot.attribution import attribution, faithfulness_curves, sanity
 from convlens.plot.depth import depth_comparison
@@ -47,3 +47,5 @@ __all__ = [
     "save_figure",
     "sensitivity",
 ]
+
+show_in_jupyter()  # a figure that is a cell's value shows as an image

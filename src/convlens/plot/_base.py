@@ -115,3 +115,33 @@ def image_grid(
         fig.suptitle(suptitle, fontsize=fontsize + 1)
     fig.tight_layout()
     return fig
+
+
+def show_in_jupyter() -> bool:
+    """Make IPython draw a :class:`~matplotlib.figure.Figure` that is a cell's value as a
+    PNG, as ``%matplotlib inline`` would (convlens's figures are made without pyplot, so
+    the inline backend, which registers that only when pyplot is imported, may never
+    run). Returns whether a formatter was added; nothing happens outside IPython or where
+    one is already there.
+
+    Example:
+        >>> show_in_jupyter()  # outside IPython
+        False
+    """
+    import sys
+
+    ipython = sys.modules.get("IPython")
+    get = getattr(ipython, "get_ipython", None)
+    shell = get() if get is not None else None
+    if shell is None:
+        return False
+    png = shell.display_formatter.formatters["image/png"]
+    try:
+        png.lookup_by_type(Figure)
+        return False  # %matplotlib inline (or the user) already did
+    except KeyError:
+        pass
+    from IPython.core.pylabtools import print_figure
+
+    png.for_type(Figure, lambda fig: print_figure(fig, "png", bbox_inches="tight"))
+    return True

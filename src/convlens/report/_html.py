@@ -39,7 +39,12 @@ _RESERVED_IDS = frozenset({"top", "contents", "about"})
 
 def format_value(value: Any) -> str:
     """A JSON value as text for a reader: floats to 4 significant digits, ``1,234`` for
-    integers, ``yes``/``no``, a dash for ``null``, lists joined with commas."""
+    integers, ``yes``/``no``, a dash for ``null``, lists joined with commas.
+
+    Example:
+        >>> format_value(0.123456), format_value(1234), format_value(None)
+        ('0.1235', '1,234', '–')
+    """
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -248,6 +253,10 @@ def render_html(doc: Mapping[str, Any], base_dir: str | os.PathLike[str]) -> str
     ``doc`` follows the ``report.json`` contract in :mod:`convlens.report`. Raises
     :class:`~convlens.errors.ReportError` when its structure is wrong (a section that is
     not an object, ``figures`` that is not a list, ...).
+
+    Example:
+        >>> html = render_html(load_report("tour/"), "tour/")
+        >>> html.startswith("<!DOCTYPE html>")
     """
     from convlens import __version__
 
@@ -278,7 +287,12 @@ def _tour_fix(folder: Path) -> str:
 
 def load_report(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """``folder/report.json`` as a dict; a clear :class:`ReportError` when it is absent
-    or not a JSON object."""
+    or not a JSON object.
+
+    Example:
+        >>> doc = load_report("tour/")
+        >>> [s["id"] for s in doc["sections"]]
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ReportError(f"no report folder {str(folder)!r}; {_tour_fix(folder)} to make one")
@@ -308,6 +322,10 @@ def write_report(folder: str | os.PathLike[str], out: str | os.PathLike[str] | N
     """Build ``report.html`` from ``folder/report.json`` and the figures beside it.
 
     Written atomically into ``out`` (default: ``folder``). Returns the HTML path.
+
+    Example:
+        >>> write_report("tour/")  # tour/report.html from tour/report.json
+        PosixPath('tour/report.html')
     """
     folder = Path(folder)
     html = render_html(load_report(folder), folder)

@@ -333,7 +333,7 @@ def attribute(
         layer_map: torch.Tensor | None = None
         delta: torch.Tensor | None = None
         used_steps: int | None = None
-        from tqdm.auto import tqdm
+        from convlens._progress import tqdm
 
         bar = tqdm(desc=method, unit="row", disable=None if progress is None else not progress)
         try:

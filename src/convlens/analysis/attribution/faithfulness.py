@@ -296,6 +296,11 @@ class Faithfulness:
             f"random_auc={float(self.random_auc.mean()):.4g})"
         )
 
+    def _repr_html_(self) -> str:
+        from convlens._notebook import faithfulness
+
+        return faithfulness(self)
+
     def to_dict(self) -> dict[str, Any]:
         """The numbers (per image: target, AUC, random AUC, both curves), the x axis and
         the settings, for JSON.

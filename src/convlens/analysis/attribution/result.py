@@ -103,6 +103,11 @@ class Attribution:
             f"target={list(self.target)}{extra})"
         )
 
+    def _repr_html_(self) -> str:
+        from convlens._notebook import attribution
+
+        return attribution(self)
+
     def display_images(self) -> torch.Tensor:
         """The inputs in ``[0, 1]`` pixel space ``[N, C, H, W]``, for plotting."""
         t = self.input.float()

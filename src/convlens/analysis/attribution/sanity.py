@@ -355,6 +355,11 @@ class Sanity:
             f"cascade={self.cascade}, images={n}, final |map| rho: {last or '-'})"
         )
 
+    def _repr_html_(self) -> str:
+        from convlens._notebook import sanity
+
+        return sanity(self)
+
     def to_dict(self) -> dict[str, Any]:
         """The numbers (per method: the mean correlation after each unit and the
         per-image values, signed and of ``|map|``), the units, the target and the settings,

@@ -50,7 +50,12 @@ def spectrum_freqs(h: int, w: int) -> torch.Tensor:
 
 
 def fft_scale(h: int, w: int, decay: float = 1.0) -> torch.Tensor:
-    """The 1/f spectrum scale ``1 / max(f, 1 / max(h, w)) ** decay``, ``[h, w // 2 + 1]``."""
+    """The 1/f spectrum scale ``1 / max(f, 1 / max(h, w)) ** decay``, ``[h, w // 2 + 1]``.
+
+    Example:
+        >>> fft_scale(4, 4).shape
+        torch.Size([4, 3])
+    """
     return 1.0 / spectrum_freqs(h, w).clamp(min=1.0 / max(h, w)) ** decay
 
 

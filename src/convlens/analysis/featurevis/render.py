@@ -74,6 +74,10 @@ class RenderResult:
     ``trace`` ``[steps, N]`` the objective at every step, under that step's transforms;
     ``settings`` everything needed to reproduce the render; ``labels`` what each image
     maximises (``"mixed4a:3"``).
+
+    Example:
+        >>> r = convlens.render(bundle, "blocks.4:0-9", steps=64)
+        >>> r.images.shape, r.final_values  # [10, 3, 128, 128], one value per image
     """
 
     images: torch.Tensor
@@ -109,6 +113,11 @@ class RenderResult:
             f"RenderResult({self.objective}: {tuple(self.images.shape)} images after "
             f"{self.thresholds[-1]} steps, values [{vals}{more}])"
         )
+
+    def _repr_html_(self) -> str:
+        from convlens._notebook import render_result
+
+        return render_result(self)
 
 
 # ------------------------------------------------------------------------ inputs
@@ -794,7 +803,7 @@ def render(
     params = list(param.parameters())
     opt = torch.optim.Adam(params, lr=peak)
 
-    from tqdm.auto import tqdm
+    from convlens._progress import tqdm
 
     snapshots: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
