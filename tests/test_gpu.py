@@ -167,3 +167,33 @@ def test_attribution_on_cuda_matches_cpu(method):
     assert float((gpu.map - cpu.map).abs().max()) <= 1e-3 * scale
     torch.testing.assert_close(gpu.score, cpu.score, rtol=1e-4, atol=1e-4)
     assert all(p.grad is None for p in gpu_model.parameters())
+
+
+@pytest.mark.parametrize("precision", ["auto", "float16", "bfloat16"])
+def test_renders_under_autocast_on_cuda(precision):
+    """precision on CUDA: auto is bfloat16 from compute capability 8.0 (float16 with loss
+    scaling before), the objective rises, the seed contract holds and the values are the
+    float32 objective of the final images (score on the CPU agrees)."""
+    from convlens.analysis.featurevis import render, score
+
+    if precision == "bfloat16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 8, 3, stride=2, padding=1),
+    ).eval()
+    kw = dict(size=32, steps=24, thresholds=(1, 24), progress=False, precision=precision)
+    a = render(net, "3:0-3", device="cuda", **kw)
+    b = render(net, "3:0-3", device="cuda", **kw)
+    want = {"float16": "float16", "bfloat16": "bfloat16"}.get(precision)
+    if want is None:
+        major = torch.cuda.get_device_capability()[0]
+        want = "bfloat16" if major >= 8 else "float16"
+    assert a.settings["precision"] == want
+    assert torch.equal(a.images, b.images)
+    assert bool((a.values[-1] > a.values[0]).all())
+    cpu = score(net.cpu(), "3:0-3", a.images, device="cpu")
+    torch.testing.assert_close(a.final_values, cpu, atol=1e-3, rtol=1e-3)

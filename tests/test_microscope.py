@@ -296,3 +296,23 @@ def test_modes_and_hooks_are_restored(tmp_path: Path) -> None:
     assert net.training and all(m.training for m in net.modules())
     assert all(p.requires_grad for p in net.parameters())
     assert not net.conv2._forward_hooks and not net.conv1._forward_hooks
+
+
+def test_precision_and_schedule_are_settings_and_render_into_their_own_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convlens.device
+
+    monkeypatch.setattr(convlens.device, "cpu_has_fast_bfloat16", lambda: True)
+    out = _run(tmp_path / "s", channels="0-1")
+    doc = json.loads((out / "microscope.json").read_text())
+    assert doc["settings"]["precision"] == "bfloat16" and doc["settings"]["schedule"] == "cosine"
+    index = (out / "index.html").read_text()
+    assert "bfloat16" in index and "cosine" in index
+    _run(out, channels="0-1", precision="float32", schedule="constant")
+    doc = json.loads((out / "microscope.json").read_text())
+    assert doc["settings"]["precision"] == "float32" and doc["settings"]["lr"] == 0.05
+    assert doc["work"]["rendered"] == 4  # other settings: other render folders
+    with pytest.raises(ValueError, match="unknown schedule"):
+        _run(tmp_path / "bad", schedule="fast")
+    assert not (tmp_path / "bad").exists()  # refused before the dataset pass
