@@ -72,6 +72,11 @@ def _expected(unit: dict[str, Any]) -> dict[str, Any]:
     for which in ("top", "bottom"):
         for i, e in enumerate(unit[which]):
             want[f"{which}.{i}.score"] = e["score"]
+    if unit.get("render_vs_dataset"):
+        for key in ("render", "top_example", "ratio"):
+            want[f"render_vs_dataset.{key}"] = unit["render_vs_dataset"][key]
+    for i, d in enumerate(unit["renders"]["diversity"]):
+        want[f"renders.diversity.{i}.relative"] = d["relative"]
     return want
 
 

@@ -154,12 +154,15 @@ def test_a_rerun_renders_nothing_and_force_renders_again(tmp_path: Path) -> None
         "examples_reused": 6,
         "attributions_written": 0,
         "attributions_reused": 6,
+        "render_checks": 0,  # the PNGs on disk are those measured
+        "render_checks_reused": 6,
     }
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
     _run(out, force=True)
     work = json.loads((out / "microscope.json").read_text())["work"]
     assert work["dataset_pass"] == 1 and work["rendered"] == 6 and work["examples_written"] == 6
     assert work["attributions_written"] == 6 and work["attributions_reused"] == 0
+    assert work["render_checks"] == 6 and work["render_checks_reused"] == 0
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     assert all(after[p] > before[p] for p in before)
 
