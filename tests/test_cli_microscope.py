@@ -167,6 +167,7 @@ def test_quick_sets_few_steps_and_channels(tmp_path: Path, monkeypatch: pytest.M
     assert seen["channels"] == list(range(16))
     assert seen["steps"] == 5  # given: kept
     assert (seen["k"], seen["diversity"]) == (6, 2)
+    assert seen["diversity_weight"] == M._DIVERSITY_WEIGHT  # the function's default
 
 
 @pytest.mark.parametrize(
