@@ -404,6 +404,35 @@ def _stages(site: Path) -> dict[str, Any]:
             k: doc["settings"][k]
             for k in ("steps", "k", "diversity", "batch", "device", "precision", "schedule")
         },
+        "render_vs_dataset": _checks(doc),
+    }
+
+
+def _quantiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    v = sorted(values)
+    at = {"min": 0.0, "p25": 0.25, "median": 0.5, "p75": 0.75, "max": 1.0}
+    return {k: round(v[round(q * (len(v) - 1))], 3) for k, q in at.items()}
+
+
+def _checks(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every unit's render against its top dataset example (``render_vs_dataset``) and the
+    diversity images relative to the channel render, summarised over the site's units."""
+    units = [u for layer in doc["layers"] for u in layer["units"]]
+    checks = [u["render_vs_dataset"] for u in units if u.get("render_vs_dataset")]
+    ratios = [c["ratio"] for c in checks if c["ratio"] is not None]
+    relative = [
+        d["relative"]
+        for u in units
+        for d in (u.get("renders") or {}).get("diversity", [])
+        if d.get("relative") is not None
+    ]
+    return {
+        "checked": len(checks),
+        "below": sum(bool(c["below"]) for c in checks),
+        "ratio": _quantiles(ratios),
+        "diversity_relative": _quantiles(relative),
     }
 
 
@@ -458,6 +487,7 @@ def _part_full(args: argparse.Namespace) -> dict[str, Any]:
             got["render_s_per_channel"] = round(got["stages"]["renders"] / max(1, n), 2)
             out[name] = got
             print(f"full ({name}): {got['wall_s']} s wall, {n} channels; {got['stages']}")
+            print(f"  render vs dataset: {got['render_vs_dataset']}")
     return out
 
 

@@ -72,6 +72,11 @@ def _expected(unit: dict[str, Any]) -> dict[str, Any]:
     for which in ("top", "bottom"):
         for i, e in enumerate(unit[which]):
             want[f"{which}.{i}.score"] = e["score"]
+    if unit.get("render_vs_dataset"):
+        for key in ("render", "top_example", "ratio"):
+            want[f"render_vs_dataset.{key}"] = unit["render_vs_dataset"][key]
+    for i, d in enumerate(unit["renders"]["diversity"]):
+        want[f"renders.diversity.{i}.relative"] = d["relative"]
     return want
 
 
@@ -162,6 +167,7 @@ def test_quick_sets_few_steps_and_channels(tmp_path: Path, monkeypatch: pytest.M
     assert seen["channels"] == list(range(16))
     assert seen["steps"] == 5  # given: kept
     assert (seen["k"], seen["diversity"]) == (6, 2)
+    assert seen["diversity_weight"] == M._DIVERSITY_WEIGHT  # the function's default
 
 
 @pytest.mark.parametrize(

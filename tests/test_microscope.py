@@ -19,7 +19,7 @@ from _examples_fixtures import Tiny, tiny_data, tiny_model
 
 from _ranks import init_gloo, spawn
 from convlens import capture
-from convlens.microscope import _row_seed, _UnitObjective, microscope
+from convlens.microscope import _DIVERSITY_WEIGHT, _row_seed, _UnitObjective, microscope
 
 LAYERS = ["conv1", "conv2"]
 TIMEOUT_S = 180
@@ -111,10 +111,10 @@ def test_unit_objective_rows_are_independent_and_match_the_objectives() -> None:
     assert float(got[1]) == pytest.approx(float(unit[0]))
     assert float(got[2]) == pytest.approx(-float(t[2, 4].mean()))
     assert obj.centre == (2, 3)
-    # a channel's diversity rows: its mean plus 1e2 * Lucid's term within its own set only
+    # a channel's diversity rows: its mean plus the weight * Lucid's term within its own set
     div = O.diversity("conv2")(lambda name: t[3:6])
     for j in range(3):
-        want = float(t[3 + j, 4].mean()) + 1e2 * float(div[j]) * 3
+        want = float(t[3 + j, 4].mean()) + _DIVERSITY_WEIGHT * float(div[j]) * 3
         assert float(got[3 + j]) == pytest.approx(want)
     # changing the other channel's rows leaves this channel's values as they were
     t2 = t.clone()
@@ -154,12 +154,15 @@ def test_a_rerun_renders_nothing_and_force_renders_again(tmp_path: Path) -> None
         "examples_reused": 6,
         "attributions_written": 0,
         "attributions_reused": 6,
+        "render_checks": 0,  # the PNGs on disk are those measured
+        "render_checks_reused": 6,
     }
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
     _run(out, force=True)
     work = json.loads((out / "microscope.json").read_text())["work"]
     assert work["dataset_pass"] == 1 and work["rendered"] == 6 and work["examples_written"] == 6
     assert work["attributions_written"] == 6 and work["attributions_reused"] == 0
+    assert work["render_checks"] == 6 and work["render_checks_reused"] == 0
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     assert all(after[p] > before[p] for p in before)
 

@@ -14,6 +14,18 @@
    batch draws the same transform sequence, so a channel's images depend on the settings
    and the channel only. Batches are padded to exactly ``batch`` channels, so no kernel
    sees a different shape when fewer channels, or more ranks, share the work.
+   **Every render checked against the dataset**: each channel's saved PNGs (the channel
+   render and the diversity set) are read back and fed to the model as the renders are
+   (upsampled to the model's input size, normalised, in the model's own dtype, BatchNorm
+   not folded, no autocast: the way the dataset pass feeds a preprocessed image), one
+   forward per channel. The channel render's unit, reduced like the dataset pass (the max
+   over positions by default), is set against the unit's top dataset example
+   (``render_vs_dataset``: ``render``, ``top_example``, ``ratio`` = render / top example
+   when the top example scores above 0, ``below`` = render < top example, ``reduce``); each
+   diversity image's channel mean against the channel render's (``png_value``,
+   ``relative``). The numbers go to ``NNNN-check.json`` beside the renders, with the
+   SHA-256 of the PNGs they were measured on: a rerun measures again only a PNG that
+   changed, so renders reused from disk are measured from the files on disk.
 3. **The examples**: each channel's top-k examples cut out at their receptive field with
    the activation overlaid, the whole top images small, and the bottom-k.
 4. **The attributions** (``attributions=True``): for the top examples, the channel's value
@@ -81,8 +93,13 @@ __all__ = ["FORMAT", "microscope"]
 FORMAT = 1
 #: what the render files' key covers besides the settings (bump to invalidate old renders)
 _RENDER_VERSION = 1
-#: Lucid's diversity weight (1e2 against a batch-mean objective), for our per-image sums
-_DIVERSITY_WEIGHT = 1e2
+#: The diversity term's weight against the channel mean (per image: its mean minus the weight
+#: times the sum of its Gram similarities to the others of its set). Lucid's 1e2 left the
+#: diversity images of the pretrained efficientnet_lite0's blocks.4 at 20-50% of the channel
+#: render's objective; 5 keeps them at 83% on average (at least 60%) with a Gram distance
+#: between them of 0.79 (0.05 without the term, 0.87 at 10): benchmarks/diversity.py,
+#: benchmarks/README.md. Lucid's 1e2 stays available as ``diversity_weight=100``.
+_DIVERSITY_WEIGHT = 5.0
 #: the longest side of the whole top images on a channel page
 _THUMB = 96
 #: strongest input channels listed for a connected convolution
@@ -329,7 +346,7 @@ class _UnitObjective:
             grams = F.normalize(grams.flatten(2), dim=-1, eps=1e-10)
             sim = (grams[:, :, None, :] * grams[:, None, :, :]).sum(-1)  # [units, d, d]
             others = sim.sum(-1) - sim.diagonal(dim1=-2, dim2=-1)
-            term = -self.weight * others  # Lucid's balance: 1e2 against the channel mean
+            term = -self.weight * others  # Lucid's balance at weight 1e2
             pad = torch.zeros(self.n_units, self.first_div, device=t.device, dtype=term.dtype)
             v = v + torch.cat([pad, term], dim=1).reshape(n)
         return v
@@ -604,6 +621,175 @@ def _write_renders(
                 record[kind] = {"image": files[name].name, "value": v}
         record["centre"] = list(centre) if centre is not None else None
         write_json(folder / f"{c:04d}.json", record)  # last: the channel is finished
+
+
+# ------------------------------------------------------------------------ the render checks
+
+#: what a channel's check file holds besides the measured numbers (bump to measure again)
+_CHECK_VERSION = 1
+#: how the renders are checked against the dataset, for the index page and microscope.json
+_CHECK_ABOUT = (
+    "each saved render PNG read back, fed to the model as the renders are (upsampled to the "
+    "model's input size, normalised, the model's own dtype, no autocast, BatchNorm not "
+    "folded) and the unit reduced like the dataset pass ({reduce} over positions), against "
+    "the unit's top dataset example; the diversity images' channel mean relative to the "
+    "channel render's, on the PNGs too"
+)
+
+
+def _check_path(folder: Path, channel: int) -> Path:
+    """A channel's check file, beside its renders."""
+    return folder / f"{channel:04d}-check.json"
+
+
+def _read_png(path: Path, channels: int) -> torch.Tensor:
+    """A saved render as the float image ``[C, H, W]`` in [0, 1] it stands for: 8-bit
+    values / 255, grey for a 1-channel model."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255
+    x = torch.from_numpy(arr.copy())
+    return x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+
+
+def _png_check_why(channels: int) -> str | None:
+    """Why a model's renders cannot be checked from their PNGs, or None when they can."""
+    if channels in (1, 3):
+        return None
+    return (
+        f"the model takes {channels}-channel images and a render's PNG keeps "
+        f"{'3' if channels > 3 else '1'} of them, so the saved image is not what was optimised"
+    )
+
+
+def _measure(
+    net: nn.Module, layer: str, channel: int, images: torch.Tensor, pipe: Any, dev: torch.device
+) -> tuple[list[float], list[float]]:
+    """The unit's maximum and mean over positions on each of ``images`` ``[N, C, h, w]``
+    in [0, 1], fed through ``pipe`` (upsampled, normalised, the model's dtype) to ``net``
+    (in eval mode, without gradients): ``(maxima, means)``.
+
+    Example:
+        >>> _measure(net, "conv2", 1, torch.rand(2, 3, 16, 16), plan.pipe, torch.device("cpu"))
+    """
+    from convlens.analysis.featurevis.objectives import Objective
+    from convlens.analysis.featurevis.render import _Forward
+
+    fwd = _Forward(net, Objective(lambda acts: acts(layer), [layer], description=layer))
+    x = images.to(dev, torch.float32)
+    with fwd.hooked(False), torch.no_grad():
+        t = fwd(pipe(x), x)(layer).float()
+    sel = t[:, channel].reshape(t.shape[0], -1)  # [N, positions] ([N, 1] for an [N, C] output)
+    return [float(v) for v in sel.amax(1).cpu()], [float(v) for v in sel.mean(1).cpu()]
+
+
+def _check_units(
+    net: nn.Module,
+    units: list[_Unit],
+    folders: dict[str, Path],
+    plan: _RenderPlan,
+    dev: torch.device,
+    force: bool,
+    progress: bool,
+) -> tuple[int, int]:
+    """Measure every rendered unit of ``units`` (this rank's) from its saved PNGs: the
+    channel render and the diversity images, one forward per unit (a fixed batch of
+    ``1 + diversity`` images, so the numbers do not depend on the batch or the world size).
+    Each unit's numbers go to ``NNNN-check.json`` with the SHA-256 of the PNGs they were
+    measured on; a rerun reuses them only while the PNGs on disk are those bytes. Returns
+    ``(measured, reused)``."""
+    from tqdm.auto import tqdm
+
+    from convlens.models.forms import dtype_support
+    from convlens.models.layers import evaluating
+
+    if _png_check_why(plan.channels) is not None:
+        return 0, 0
+    todo: list[tuple[_Unit, list[tuple[str, Path]], list[str]]] = []
+    reused = 0
+    for u in units:
+        folder = folders[u.layer]
+        if _read(folder / f"{u.channel:04d}.json") is None:
+            continue  # not rendered: nothing to check
+        files = _render_files(folder, u.channel, plan.diversity)
+        named = [("channel", files["channel"])]
+        named += [(f"diversity-{j}", files[f"diversity-{j}"]) for j in range(plan.diversity)]
+        try:
+            digests = [hashlib.sha256(f.read_bytes()).hexdigest() for _, f in named]
+        except OSError:
+            continue
+        old = _read(_check_path(folder, u.channel))
+        if (
+            not force
+            and old is not None
+            and old.get("v") == _CHECK_VERSION
+            and [old.get("images", {}).get(n, {}).get("sha256") for n, _ in named] == digests
+        ):
+            reused += 1
+            continue
+        todo.append((u, named, digests))
+    if not todo:
+        return 0, reused
+    done = 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_signals.deferred())  # SIGTERM, Ctrl-C: stop between channels
+        stack.enter_context(dtype_support(plan.pipe.dtype, dev))
+        stack.enter_context(evaluating(net))
+        for u, named, digests in tqdm(
+            todo, desc="render checks", unit="channel", disable=not progress
+        ):
+            images = torch.stack([_read_png(f, plan.channels) for _, f in named])
+            maxima, means = _measure(net, u.layer, u.channel, images, plan.pipe, dev)
+            record = {
+                "channel": u.channel,
+                "layer": u.layer,
+                "v": _CHECK_VERSION,
+                "images": {
+                    name: {"image": f.name, "sha256": h, "max": mx, "mean": mn}
+                    for (name, f), h, mx, mn in zip(named, digests, maxima, means)
+                },
+            }
+            write_json(_check_path(folders[u.layer], u.channel), record)
+            done += 1
+            if _signals.requested() is not None:
+                _signals.stop(f"{reused + done} of this rank's {len(units)} channels checked")
+    return done, reused
+
+
+def _ratio(value: float, base: float) -> float | None:
+    """``value / base`` when ``base`` is a positive finite number, else None (a ratio to
+    zero or a negative number says nothing)."""
+    if not (math.isfinite(base) and base > 0 and math.isfinite(value)):
+        return None
+    return value / base
+
+
+def _render_vs_dataset(
+    check: dict[str, Any] | None, top: Sequence[Any], reduce: str, why_not: str | None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """A unit's ``render_vs_dataset`` entry of microscope.json (its channel render's drive
+    of the unit against its best dataset example, the same reduction for both) and, without
+    one, why not."""
+    if why_not is not None:
+        return None, why_not
+    if check is None or "channel" not in check.get("images", {}):
+        return None, "this channel's render check is missing"
+    if not top:
+        return None, "the unit has no top dataset example"
+    render = float(check["images"]["channel"][reduce])
+    best = float(top[0].score)
+    return (
+        {
+            "render": render,
+            "top_example": best,
+            "ratio": _ratio(render, best),
+            "below": render < best,
+            "reduce": reduce,
+            "top_index": top[0].index,
+        },
+        None,
+    )
 
 
 # ------------------------------------------------------------------------ the examples
@@ -1379,13 +1565,22 @@ def microscope(
     bfloat16 autocast where the hardware is fast at it; ``schedule="constant"``, Lucid's
     constant 0.05, reproduces renders made before the ``"cosine"`` default); ``diversity`` images in
     the diversity set (0 for none), pushed apart by Lucid's diversity term with
-    ``diversity_weight`` (Lucid's 1e2 against the channel's mean); ``batch`` channels rendered together (``"auto"``: 8
+    ``diversity_weight`` (5 against the channel's mean, which keeps the diversity images at
+    about 80% of the channel render's objective on efficientnet_lite0; Lucid's is 1e2);
+    ``batch`` channels rendered together (``"auto"``: 8
     on a CPU, 32 on a GPU; it changes the speed, not the images). ``force`` recomputes
     what earlier runs left in ``out``. ``settings``: extra entries for the index page.
     ``attributions``: attribute the top examples to their pixels (input x gradient of the
     unit's value at the example's position, over the receptive-field crop: "what in this
     crop drives the unit"; as many examples per channel as a quarter of the dataset pass's
     time affords, at least 3); ``False`` skips it.
+
+    Every unit's channel render is checked against the dataset: ``render_vs_dataset`` in
+    microscope.json and on its page compares the unit's value on the saved render PNG
+    (fed as the renders are: upsampled to the model's input size and normalised) with its
+    top dataset example's score, under the dataset pass's reduction (max over positions);
+    the layer's grid marks the units whose render stays below. Each diversity image's
+    ``relative`` is its channel mean over the channel render's, both on the PNGs.
 
     Resuming: what an earlier run left in ``out`` (the dataset pass's checkpoint and
     result, each channel's files) is reused only when complete; a truncated or corrupt
@@ -1545,6 +1740,15 @@ def microscope(
         counts["rendered"], counts["renders_reused"] = rendered, reused
         stages["renders"] = time.perf_counter() - t0
 
+        # 2b. each render checked against the dataset: its saved PNGs measured as the pass
+        # measures a dataset image (split the same way)
+        t0 = time.perf_counter()
+        checked, c_reused = _check_units(
+            net, mine, render_dirs, plan, dev, force, progress and ctx.is_main
+        )
+        counts["render_checks"], counts["render_checks_reused"] = checked, c_reused
+        stages["render checks"] = time.perf_counter() - t0
+
         # 3. the example crops, split the same way
         t0 = time.perf_counter()
         written, ex_reused = _example_units(
@@ -1626,6 +1830,8 @@ def microscope(
                     "upsample_to": plan.settings["upsample_to"],
                     "attribution": attr_plan.settings()["method"] if attr_plan else "off",
                     "attribution_top": attr_plan.top if attr_plan else None,
+                    "render_check": _png_check_why(plan.channels)
+                    or _CHECK_ABOUT.format(reduce=result.reduce),
                     "channels": {key: _ranges(result.channels(key)) for key in keys},
                     **(settings or {}),
                 },
@@ -1705,14 +1911,18 @@ def _document(
             rmark = _read(render_dirs[key] / f"{c:04d}.json")
             emark = _read(example_dirs[key] / f"{c:04d}.json")
             renders = None
+            check = _read(_check_path(render_dirs[key], c)) if rmark is not None else None
+            png = (check or {}).get("images", {})
             if rmark is not None:
                 rd = render_dirs[key]
                 y, x = rmark.get("centre") or (None, None)
+                base = png.get("channel", {}).get("mean")
                 renders = {
                     "channel": {
                         "image": rel(rd / rmark["channel"]["image"]),
                         "value": rmark["channel"]["value"],
                         "objective": f"channel({key}, {c})",
+                        "png_value": base,
                     },
                     "neuron": {
                         "image": rel(rd / rmark["neuron"]["image"]),
@@ -1725,10 +1935,20 @@ def _document(
                         "objective": f"-channel({key}, {c})",
                     },
                     "diversity": [
-                        {"image": rel(rd / d["image"]), "value": d["value"]}
-                        for d in rmark["diversity"]
+                        {
+                            "image": rel(rd / d["image"]),
+                            "value": d["value"],
+                            **_relative(png.get(f"diversity-{j}", {}).get("mean"), base),
+                        }
+                        for j, d in enumerate(rmark["diversity"])
                     ],
                 }
+            check_doc, check_why = _render_vs_dataset(
+                check,
+                result.top(key, c),
+                result.reduce,
+                "this channel has no renders" if rmark is None else _png_check_why(plan.channels),
+            )
             examples: dict[str, list[dict[str, Any]]] = {}
             for which in ("top", "bottom"):
                 exs = result.top(key, c) if which == "top" else result.bottom(key, c)
@@ -1806,6 +2026,8 @@ def _document(
                         "scale": "symlog",
                     },
                     "renders": renders,
+                    "render_vs_dataset": check_doc,
+                    "render_vs_dataset_why": check_why,
                     "top": examples["top"],
                     "bottom": examples["bottom"],
                     "attribution": attribution,
@@ -1833,6 +2055,14 @@ def _document(
                     else None
                 ),
                 "connections": {"from": src, "why": why},
+                "render_vs_dataset": {
+                    "reduce": result.reduce,
+                    "checked": sum(u["render_vs_dataset"] is not None for u in units),
+                    "below": sum(
+                        u["render_vs_dataset"] is not None and u["render_vs_dataset"]["below"]
+                        for u in units
+                    ),
+                },
                 "units": units,
             }
         )
@@ -1908,6 +2138,18 @@ def _attribution_doc(
         "top": rows,
     }
     return doc, None
+
+
+def _relative(value: float | None, channel: float | None) -> dict[str, Any]:
+    """A diversity image's numbers measured on its PNG: its channel mean (``png_value``)
+    and that relative to the channel render's (``relative``; None when either is missing
+    or the channel render's is not positive)."""
+    if value is None:
+        return {"png_value": None, "relative": None}
+    return {
+        "png_value": value,
+        "relative": None if channel is None else _ratio(value, channel),
+    }
 
 
 def _rounded(v: float | None) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -314,7 +316,17 @@ def test_microscope_grid_reads_a_site(tmp_path):
     axes = fig.get_axes()
     assert len(axes) == 3 * 3
     assert sum(1 for ax in axes if ax.images) == 9  # a render and 2 crops per row
-    assert axes[0].get_title() == "ch 0: render"
+    from matplotlib.colors import to_hex
+
+    doc = json.loads((site / "microscope.json").read_text())
+    for r, u in enumerate(doc["layers"][0]["units"][:3]):  # the ratio to the top example
+        check = u["render_vs_dataset"]
+        want = f"ch {u['channel']}: render"
+        want += "" if check["ratio"] is None else f" ×{check['ratio']:.2f}"
+        want += " (below top)" if check["below"] else ""
+        assert axes[3 * r].get_title() == want
+        framed = to_hex(axes[3 * r].spines["left"].get_edgecolor()) == "#c2410c"
+        assert framed == check["below"]
     with pytest.raises(KeyError, match="conv2"):
         microscope_grid(site, "conv9")
     with pytest.raises(FileNotFoundError, match="convlens microscope"):

@@ -155,7 +155,31 @@ def synthetic_doc() -> dict[str, Any]:
         u["attribution"] = _attribution(first, u["channel"], 3)
     evil[2]["attribution"] = _attribution(EVIL_DIR, 2, 3)
     evil[1]["attribution_why"] = "attributions were not computed in this run"
+    # renders checked against the dataset: below, above, below with no ratio (a top
+    # example at or under 0), and a reduction named like a tag (escaped)
+    for u, (render, top) in zip(conv1, [(1.5, 3.0), (4.5, 3.0), (-0.5, -0.25)]):
+        u["render_vs_dataset"] = {
+            "render": render,
+            "top_example": top,
+            "ratio": render / top if top > 0 else None,
+            "below": render < top,
+            "reduce": "max",
+            "top_index": 10 * u["channel"],
+        }
+        u["renders"]["channel"]["png_value"] = 3.0
+        for j, d in enumerate(u["renders"]["diversity"]):
+            d["png_value"] = 2.0 + j / 3
+            d["relative"] = d["png_value"] / 3.0
+    evil[1]["render_vs_dataset"] = {
+        "render": 0.1 + 0.2,
+        "top_example": 1.0,
+        "ratio": 0.1 + 0.2,
+        "below": True,
+        "reduce": EVIL,
+        "top_index": 11,
+    }
     evil[0]["renders"] = None  # renders absent: the page says so
+    evil[2]["render_vs_dataset_why"] = f"the render check is missing {EVIL}"
     evil[1]["top"][1]["crop"] = None  # one image not computed
     evil[1]["top"][1]["why"] = "the crop fell outside the image"
     evil[2]["top"][0]["crop"] = f"{EVIL_DIR}/e-cd34/{QUOTED}"
@@ -298,6 +322,11 @@ def expected_values(unit: dict[str, Any]) -> dict[str, Any]:
             want[f"renders.{kind}.value"] = unit["renders"][kind]["value"]
         for i, d in enumerate(unit["renders"]["diversity"]):
             want[f"renders.diversity.{i}.value"] = d["value"]
+            if "relative" in d:
+                want[f"renders.diversity.{i}.relative"] = d["relative"]
+    if unit.get("render_vs_dataset"):
+        for key in ("render", "top_example", "ratio"):
+            want[f"render_vs_dataset.{key}"] = unit["render_vs_dataset"][key]
     for side in ("top", "bottom"):
         for i, e in enumerate(unit[side]):
             want[f"{side}.{i}.score"] = e["score"]
@@ -407,6 +436,32 @@ def test_layer_grids_show_the_means(site: tuple[dict[str, Any], Path, list[Path]
         assert data_values(out / layer["dir"] / "index.html")["stats.mean"] == means
 
 
+def test_layer_grids_mark_the_renders_below_their_top_example(
+    site: tuple[dict[str, Any], Path, list[Path]],
+) -> None:
+    doc, out, _ = site
+    for layer in doc["layers"]:
+        checked = [u for u in layer["units"] if u.get("render_vs_dataset")]
+        below = {u["channel"] for u in checked if u["render_vs_dataset"]["below"]}
+        for view in VIEWS:
+            page = out / layer["dir"] / view
+            marked = {
+                int(a["data-channel"])
+                for t, a in parse(page)
+                if t == "a" and "data-channel" in a and "below" in a["class"].split()
+            }
+            assert marked == below, (page, marked)
+            text = page.read_text(encoding="utf-8")
+            assert (f"of {len(checked)} channels: the render drives" in text) == bool(checked)
+            if checked:
+                assert data_values(page)["render_vs_dataset.below"] == [str(len(below))]
+    for u in doc["layers"][0]["units"]:  # below, above, and below with no ratio
+        text = (out / u["page"]).read_text(encoding="utf-8")
+        assert ("below its top example" in text) == u["render_vs_dataset"]["below"]
+    missing = (out / EVIL_DIR / "0002.html").read_text(encoding="utf-8")
+    assert "not measured (the render check is missing &lt;script&gt;" in missing
+
+
 def test_prev_and_next_follow_channel_order(
     site: tuple[dict[str, Any], Path, list[Path]],
 ) -> None:
@@ -437,7 +492,7 @@ def _cells(page: Path) -> list[int]:
     """The channels of a grid's cells, in the order shown, checked against their links."""
     channels = []
     for tag, attrs in parse(page):
-        if tag == "a" and attrs.get("class") == "cell":
+        if tag == "a" and "cell" in attrs.get("class", "").split():
             channel = int(attrs["data-channel"])
             assert unquote(attrs["href"]) == f"{channel:04d}.html"
             channels.append(channel)

@@ -57,9 +57,10 @@ QUICK = {"channels": "0-15", "steps": 32, "k": 6, "diversity": 2}
 @click.option(
     "--diversity-weight",
     type=float,
-    default=1e2,
+    default=5.0,  # convlens.microscope._DIVERSITY_WEIGHT
     show_default=True,
-    help="How hard the diversity images are pushed apart (Lucid's 1e2).",
+    help="How hard the diversity images are pushed apart (Lucid's is 100; the default keeps "
+    "them near 80% of the channel render's objective).",
 )
 @click.option(
     "--batch",

@@ -25,6 +25,8 @@ def microscope_grid(
     """One row per channel of ``layer`` (the site's first layer by default; its first
     ``max_channels`` channels): the channel-objective render, then the top ``examples``
     dataset crops with the activation over them, titled with the channel and its scores.
+    A render's title carries its ratio to the unit's top dataset example
+    (``render_vs_dataset``); a render that stays below it is framed and titled in orange.
 
     Example:
         >>> fig = convlens.plot.microscope_grid("site/", "blocks.4", max_channels=6)
@@ -53,7 +55,13 @@ def microscope_grid(
     axes = fig.subplots(len(units), cols, squeeze=False)
     for r, u in enumerate(units):
         render = (u.get("renders") or {}).get("channel") or {}
-        cells: list[tuple[Any, str]] = [(render.get("image"), f"ch {u['channel']}: render")]
+        check = u.get("render_vs_dataset") or {}
+        head = f"ch {u['channel']}: render"
+        if check.get("ratio") is not None:
+            head += f" ×{check['ratio']:.2f}"
+        if check.get("below"):
+            head += " (below top)"
+        cells: list[tuple[Any, str]] = [(render.get("image"), head)]
         for e in u.get("top", [])[:examples]:
             cells.append((e.get("crop"), f"#{e['index']} {e['score']:.3g}"))
         for j in range(cols):
@@ -65,6 +73,12 @@ def microscope_grid(
             path, title = cells[j]
             with Image.open(root / path) as img:
                 ax.imshow(img.convert("RGB"), interpolation="nearest")
-            ax.set_title(title, fontsize=7, pad=2)
+            below = j == 0 and bool(check.get("below"))
+            ax.set_title(title, fontsize=7, pad=2, **({"color": "#c2410c"} if below else {}))
+            if below:  # a unit whose render stays below its top dataset example
+                for spine in ax.spines.values():
+                    spine.set_visible(True)
+                    spine.set_color("#c2410c")
+                    spine.set_linewidth(2)
     fig.suptitle(f"{name}: feature visualization and top examples", fontsize=9)
     return fig

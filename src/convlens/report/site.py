@@ -127,6 +127,12 @@ def write_site(doc: Mapping[str, Any], out: str | os.PathLike[str]) -> list[Path
     written = [write("site_index.html", SITE_INDEX, created=_text(doc.get("created")), **index)]
     for i, layer in enumerate(layers):
         cells = [_cell(u, root) for u in layer["units"]]
+        checked = [c for c in cells if c["check"] is not None]
+        below = {
+            "count": sum(c["below"] for c in checked),
+            "checked": len(checked),
+            "reduce": checked[0]["check"]["reduce"] if checked else "",
+        }
         around = {
             "prev_layer": layers[i - 1] if i > 0 else None,
             "next_layer": layers[i + 1] if i + 1 < len(layers) else None,
@@ -140,6 +146,7 @@ def write_site(doc: Mapping[str, Any], out: str | os.PathLike[str]) -> list[Path
                     view=label,
                     views=list(zip(layer["views"], (lab for _, lab in VIEWS))),
                     cells=sorted(cells, key=order),
+                    below=below,
                     unsorted=file == VIEWS[1][0] and all(c["sel_key"] is None for c in cells),
                     **around,
                 )
@@ -422,16 +429,37 @@ def _cell(unit: dict[str, Any], root: Path) -> dict[str, Any]:
     stats = _opt_obj(u.get("stats"), f"{where}.stats") or {}
     sel = _opt_obj(u.get("selectivity"), f"{where}.selectivity")
     sel_index = None if sel is None else sel.get("index")
+    check = _check(u.get("render_vs_dataset"), f"{where}.render_vs_dataset")
     return {
         "channel": unit["channel"],
         "page": unit["page"],
         "render": render,
+        "check": check,
+        "below": check is not None and check["below"],
         "crops": [_image(t.get("crop"), root, t.get("why")) for t in top[:3]],
         "mean": _num(stats.get("mean")),
         "mean_key": _finite(stats.get("mean")),
         "selectivity": None if sel_index is None else _num(sel_index),
         "sel_key": _finite(sel_index),
         "top_class": "" if sel is None else _text(sel.get("top_class")),
+    }
+
+
+def _check(value: Any, where: str) -> dict[str, Any] | None:
+    """A unit's render checked against its top dataset example: the two values, their
+    ratio (``text`` as ``x0.78``), whether the render stays below, the reduction."""
+    c = _opt_obj(value, where)
+    if c is None:
+        return None
+    ratio = c.get("ratio")
+    return {
+        "render": _num(c.get("render")),
+        "top_example": _num(c.get("top_example")),
+        "ratio": _num(ratio),
+        "ratio_text": "–" if _finite(ratio) is None else f"×{ratio:.2f}",
+        "below": c.get("below") is True,
+        "reduce": _text(c.get("reduce")),
+        "top_index": format_value(c.get("top_index")),
     }
 
 
@@ -544,12 +572,16 @@ def _unit(unit: dict[str, Any], root: Path, pages: set[str]) -> dict[str, Any]:
         diversity = []
         for k, d in enumerate(_seq(renders.get("diversity"), f"{where}.renders.diversity")):
             d = _obj(d, f"{where}.renders.diversity[{k}]")
+            relative = _finite(d.get("relative"))
             diversity.append(
                 {
                     "image": _image(d.get("image"), root, d.get("why")),
                     "value": _num(d.get("value")),
                     "key": f"renders.diversity.{k}.value",
                     "objective": _text(d.get("objective")),
+                    "relative": _num(d.get("relative")) if "relative" in d else None,
+                    "relative_key": f"renders.diversity.{k}.relative",
+                    "relative_text": "–" if relative is None else f"{100 * relative:.0f}%",
                 }
             )
         fv = {"main": main, "diversity": diversity}
@@ -607,6 +639,8 @@ def _unit(unit: dict[str, Any], root: Path, pages: set[str]) -> dict[str, Any]:
         "connected_why": _text(u.get("connected_why")),
         "attribution": attribution,
         "attribution_why": _text(u.get("attribution_why")),
+        "check": _check(u.get("render_vs_dataset"), f"{where}.render_vs_dataset"),
+        "check_why": _text(u.get("render_vs_dataset_why")),
     }
 
 
