@@ -393,7 +393,7 @@ def _render_batch(
         param.raw.copy_(torch.stack(inits))
     param = param.to(dev)
     params = list(param.parameters())
-    opt = torch.optim.Adam(params, lr=plan.lr)
+    opt = torch.optim.Adam(params, lr=plan.lr, betas=plan.schedule.betas)
     mp = MixedPrecision(plan.precision, dev, plan.dtype)
     tgen = torch.Generator().manual_seed(plan.seed)  # the same transforms for every batch
     fwd = _Forward(net, obj)
@@ -1534,7 +1534,7 @@ def microscope(
     out: str | os.PathLike[str],
     channels: Any = None,
     k: int = 9,
-    steps: int = 256,
+    steps: int = 96,
     size: int = 128,
     diversity: int = 4,
     batch: int | str = "auto",

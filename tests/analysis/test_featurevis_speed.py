@@ -62,7 +62,8 @@ def test_float32_constant_schedule_gives_the_images_of_earlier_versions():
         r.final_values, torch.tensor(old["render_values"]), atol=1e-6, rtol=1e-6
     )
     m = golden_net()
-    plan = M._plan(m, None, 12, 10, 0.05, 5, 2, precision="float32", schedule="constant")
+    # the golden images were made with Lucid's diversity weight, the default then
+    plan = M._plan(m, None, 12, 10, 0.05, 5, 2, 100.0, precision="float32", schedule="constant")
     img, vals, _ = M._render_batch(m, "3", [1, 4], plan, torch.device("cpu"))
     torch.testing.assert_close(img.flatten(), torch.tensor(old["microscope"]), atol=1e-6, rtol=0)
     torch.testing.assert_close(vals, torch.tensor(old["microscope_values"]), atol=1e-6, rtol=1e-6)
@@ -86,6 +87,7 @@ def test_the_default_schedule_differs_and_is_recorded():
         "warmup": 0.0,
         "decay": "none",
         "final": 1.0,
+        "betas": [0.9, 0.999],
     }
     assert not torch.equal(a.images, b.images)
 
@@ -167,6 +169,8 @@ def test_bad_precision_and_schedule_names_say_what_is_accepted():
         render(golden_net(), "3:0", size=16, steps=1, progress=False, schedule="onecycle")
     with pytest.raises(ValueError, match="fraction"):
         Schedule("x", lr=0.1, warmup=1.5)
+    with pytest.raises(ValueError, match="betas"):
+        Schedule("x", lr=0.1, betas=(1.0, 0.9))
 
 
 def test_schedule_rates_by_hand():

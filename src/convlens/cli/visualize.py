@@ -53,7 +53,7 @@ from convlens.cli._group import (
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Peak learning rate (default: the schedule's: cosine 0.1, constant 0.05).",
+    help="Peak learning rate (default: the schedule's: cosine 0.3, constant 0.05).",
 )
 @click.option(
     "--batch",
