@@ -482,9 +482,11 @@ def test_every_form_gives_the_eager_models_numbers_or_one_line(form: str, call: 
 def test_scripted_models_take_class_objectives_and_classify():
     case = FORMS["script"]()
     got = render(case.model, "output:1", size=SIZE, steps=4, transforms="none",
-                 preprocess=None, progress=False)  # fmt: skip
+                 preprocess=None, progress=False,
+                 precision="float32")  # fmt: skip
     want = render(case.ref, "output:1", size=SIZE, steps=4, transforms="none",
-                  preprocess=None, progress=False)  # fmt: skip
+                  preprocess=None, progress=False,
+                  precision="float32")  # fmt: skip
     torch.testing.assert_close(got.images, want.images, rtol=1e-5, atol=1e-5)
     with pytest.warns(UserWarning, match="TorchScript module cannot be traced"):
         r = convlens.sensitivity(case.model, case.x, 1, window=8, stride=4, progress=False)

@@ -84,7 +84,7 @@ def test_unequal_copy_falls_back_to_the_model():
 def test_render_with_and_without_folding_agree():
     torch.manual_seed(0)
     model = randomize_bn(torchvision.models.resnet18())
-    kw = dict(size=32, steps=4, transforms="none", progress=False)
+    kw = dict(size=32, steps=4, transforms="none", progress=False, precision="float32")
     a = render(model, "layer1:0-1", **kw)
     b = render(model, "layer1:0-1", fold_bn=False, **kw)
     assert a.settings["folded_batchnorms"] == 20 and b.settings["folded_batchnorms"] == 0
