@@ -1534,7 +1534,7 @@ def microscope(
     out: str | os.PathLike[str],
     channels: Any = None,
     k: int = 9,
-    steps: int = 96,
+    steps: int = 128,
     size: int = 128,
     diversity: int = 4,
     batch: int | str = "auto",

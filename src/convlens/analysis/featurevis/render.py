@@ -717,7 +717,7 @@ def render(
     objective needs, else 1).
     ``steps``: Adam's iterations. ``schedule``: how the learning rate moves over them
     (``"cosine"``, the default: Adam with betas 0.5/0.9, a 5% warm-up to a peak of 0.3 and
-    a cosine decay to 0.03, which reaches in 96 steps what Lucid's ``"constant"`` 0.05
+    a cosine decay to 0.03, which passes in 128 steps what Lucid's ``"constant"`` 0.05
     reaches in 256; ``"constant"``
     reproduces earlier renders; or a :class:`~.schedule.Schedule`); ``lr`` overrides the
     schedule's peak. ``precision``: the model's forward and backward under autocast
