@@ -343,7 +343,13 @@ class _Forward:
         else:
             with contextlib.suppress(_StopForward):
                 output = self.net(x)
-        outputs = self.outputs
+        return self._reader(self.outputs, output, image)
+
+    def _reader(
+        self, outputs: dict[str, list[torch.Tensor]], output: Any, image: torch.Tensor
+    ) -> Callable[[str], torch.Tensor]:
+        """``acts(name)``: the input image, the model's output, or a layer's output (its
+        last call, or ``layer#k``'s), in float32."""
 
         def acts(name: str) -> torch.Tensor:
             if name == INPUT:
@@ -422,21 +428,7 @@ class _CompiledForward(_Forward):
         for key, t in by_key.items():
             outputs.setdefault(key.partition("#")[0], []).append(t)
         output = got[n_layers] if self.full else None
-
-        def acts(name: str) -> torch.Tensor:
-            if name == INPUT:
-                return image
-            if name == OUTPUT:
-                value, self.output_key = select_output(output, self.output, what="class_logit")
-                return value.float()
-            base, _, call = name.partition("#")
-            seq = outputs[base]
-            k = int(call) if call else len(seq) - 1
-            if k >= len(seq):
-                raise ValueError(f"layer {base!r} runs {len(seq)} time(s); {name!r} does not exist")
-            return seq[k].float()
-
-        return acts
+        return self._reader(outputs, output, image)
 
 
 class _Pipeline:
