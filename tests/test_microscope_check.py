@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +23,12 @@ sys.path.insert(0, str(Path(__file__).parent / "analysis"))
 from _examples_fixtures import Tiny, tiny_data, tiny_model
 
 import convlens
+from _html import parse
 from convlens import capture
 from convlens.analysis.featurevis.render import _normalizer
 from convlens.microscope import microscope
 
 LAYERS = ["conv1", "conv2"]
-
-
-class _Tags(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tags: list[tuple[str, dict[str, str]]] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tags.append((tag, {k: v or "" for k, v in attrs}))
-
-
-def parse(path: Path) -> list[tuple[str, dict[str, str]]]:
-    p = _Tags()
-    p.feed(path.read_text(encoding="utf-8"))
-    return p.tags
 
 
 def data_values(path: Path) -> dict[str, list[str]]:

@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import re
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -21,6 +20,7 @@ import pytest
 from PIL import Image
 
 from _browser import artifact_dir, check_report
+from _html import parse
 from convlens.errors import ReportError
 from convlens.report.site import CSP, SITE_CSS, write_site
 
@@ -276,24 +276,6 @@ def site(tmp_path: Path) -> tuple[dict[str, Any], Path, list[Path]]:
 
 
 # ---------------------------------------------------------------------------- parsing
-
-
-class _Page(HTMLParser):
-    """Start tags with their attributes, and the text inside each <a>."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tags: list[tuple[str, dict[str, str]]] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tags.append((tag, {k: v or "" for k, v in attrs}))
-
-
-def parse(path: Path) -> list[tuple[str, dict[str, str]]]:
-    p = _Page()
-    p.feed(path.read_text(encoding="utf-8"))
-    p.close()
-    return p.tags
 
 
 def data_values(path: Path) -> dict[str, list[str]]:
