@@ -56,6 +56,7 @@ from convlens.report._html import (
     render_html,
     write_report,
 )
+from convlens.report.atlas import write_atlas_site
 
 __all__ = [
     "REPORT_HTML",
@@ -63,5 +64,6 @@ __all__ = [
     "format_value",
     "load_report",
     "render_html",
+    "write_atlas_site",
     "write_report",
 ]
