@@ -329,6 +329,35 @@ def test_the_same_document_gives_the_same_bytes(
     assert not [p for p in files if p.name.startswith(".") or p.name.endswith(".tmp")]
 
 
+def test_a_minimal_document(tmp_path: Path) -> None:
+    """Only what the schema requires: no class atlases, parent, layout, timing or labels;
+    an icon that is null, an empty level."""
+    cell = {"row": 1, "col": 0, "count": 0, "icon": None, "page": "cells/g2/r01-c00.html"}
+    doc = {
+        "levels": [
+            {"grid": 2, "page": "index.html", "cells": [cell]},
+            {"grid": 8, "page": "level-8.html", "cells": []},
+        ]
+    }
+    written = write_atlas_site(doc, tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in written] == [
+        "index.html",
+        "level-8.html",
+        "cells/g2/r01-c00.html",
+    ]
+    index = parse(tmp_path / "index.html")
+    assert [a["title"] for t, a in index if "missing" in a.get("class", "").split()] == [
+        "not rendered"
+    ]
+    assert not [a for t, a in index if a.get("rel") == "up"]  # no parent
+    text = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "not measured" in text and "Class atlases" not in text
+    assert "No cell of this 8 × 8 grid" in (tmp_path / "level-8.html").read_text(encoding="utf-8")
+    page = (tmp_path / "cells" / "g2" / "r01-c00.html").read_text(encoding="utf-8")
+    assert "None (unlabelled data)" in page and "No crops" in page
+    assert "No channel weights" in page
+
+
 # ---------------------------------------------------------------------------- bad documents
 
 

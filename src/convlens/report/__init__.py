@@ -41,6 +41,10 @@ a file that is absent, unreadable, outside DIR or not an image shows as a visibl
 "figure missing: NAME" box), uses inline CSS only, has no JavaScript, and forbids every
 network request with a Content-Security-Policy. It prints cleanly.
 
+The activation atlas's pages come from :func:`write_atlas_site` (``convlens.report.atlas``),
+which turns ``OUT/atlas.json`` into static pages beside the atlas's images, in the
+microscope site's style.
+
 Example:
     >>> from convlens.report import write_report
     >>> write_report("tour/")  # PosixPath('tour/report.html')
