@@ -394,6 +394,8 @@ def test_a_minimal_document(tmp_path: Path) -> None:
         ),
         (lambda d: d["parent"].update(href="/abs"), r"parent\.href"),
         (lambda d: d.update(levels={}), "levels must be a list"),
+        (lambda d: d.update(levels=[]), "levels is empty"),
+        (lambda d: d.update(layout=[1]), "layout must be an object"),
         (lambda d: d.update(format=2), "format 2"),
     ],
 )

@@ -122,10 +122,13 @@ def write_atlas_site(doc: Mapping[str, Any], out: str | os.PathLike[str]) -> lis
     levels, classes = _structure(doc, root)
     parent = _parent(doc.get("parent"))
     index = next(lv for lv in levels if lv["page"] == ATLAS_INDEX)
+    about = _about(doc, index)
+    env = _environment()
     model, layer = _text(doc.get("model")), _text(doc.get("layer"))
     common = {
         "csp": CSP,
-        "site_title": _text(doc.get("title")) or f"Activation atlas of {model} {layer}".strip(),
+        "site_title": _text(doc.get("title"))
+        or " ".join(["Activation atlas", *(["of", model, layer] if model or layer else [])]),
         "renderer": f"convlens {__version__}",
         "parent": parent,
         "model": model,
@@ -138,31 +141,21 @@ def write_atlas_site(doc: Mapping[str, Any], out: str | os.PathLike[str]) -> lis
         def url(target: str) -> str:
             return atlas_href(target, page)
 
-        html = (
-            _environment()
-            .get_template(template)
-            .render({**common, **context, "url": url, "page": page})
-        )
+        html = env.get_template(template).render({**common, **context, "url": url, "page": page})
         path = root.joinpath(*page.split("/"))
         with atomic_open(path, "wb") as fh:
             fh.write(html.encode("utf-8"))
         return path
 
     atlases = levels + classes
-    css = _environment().get_template("site.css").render()
-    css += (
-        _environment()
-        .get_template("atlas.css")
-        .render(
-            tracks=sorted({a["grid"] for a in atlases}),
-            span=max(a["grid"] for a in atlases),
-            opacities=sorted({c["opacity"] for a in atlases for c in a["cells"]}),
-        )
+    css = env.get_template("site.css").render() + env.get_template("atlas.css").render(
+        tracks=sorted({a["grid"] for a in atlases}),
+        span=max(a["grid"] for a in atlases),
+        opacities=sorted({c["opacity"] for a in atlases for c in a["cells"]}),
     )
     with atomic_open(root / ATLAS_CSS, "wb") as fh:
         fh.write(css.encode("utf-8"))
 
-    about = _about(doc, index)
     written = [write("atlas_level.html", ATLAS_INDEX, atlas=index, about=about)]
     for lv in levels:
         if lv is not index:
