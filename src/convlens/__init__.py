@@ -26,6 +26,7 @@ from convlens.analysis.featurevis import RenderResult, objectives, render
 from convlens.analysis.filters import filter_responses, selectivity
 from convlens.analysis.occlusion import OcclusionResult, occlude
 from convlens.analysis.sensitivity import SensitivityResult, sensitivity
+from convlens.atlas import atlas  # the function; its module: sys.modules["convlens.atlas"]
 from convlens.capture import capture
 from convlens.classify import Prediction, classify
 from convlens.device import resolve_device
@@ -65,6 +66,7 @@ __all__ = [
     "SimpleCNN",
     "TrainResult",
     "__version__",
+    "atlas",
     "attribute",
     "capture",
     "channel_stats",

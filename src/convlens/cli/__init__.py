@@ -16,6 +16,7 @@ from __future__ import annotations
 # Imported for their @main.command registrations.
 from convlens.cli import (  # noqa: F401
     activations,
+    atlas,
     attribute,
     classify,
     examples,

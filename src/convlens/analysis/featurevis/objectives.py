@@ -39,6 +39,7 @@ __all__ = [
     "class_logit",
     "deepdream",
     "direction",
+    "direction_neuron",
     "diversity",
     "l1",
     "l2",
@@ -343,6 +344,46 @@ def direction(
         fn,
         [layer],
         description=f"direction({layer}, {vec.numel()}-d{_tag(batch)})",
+        min_batch=_check_batch(batch),
+    )
+
+
+def direction_neuron(
+    layer: str,
+    vector: torch.Tensor | Sequence[float],
+    batch: int | None = None,
+    *,
+    cossim_pow: float = 4.0,
+) -> Objective:
+    """Lucid's atlas objective at the centre position of ``layer``: the activation
+    vector ``h`` there against ``vector`` ``v`` as ``(h . v/|v|) * max(cos(h, v), 0.1) **
+    cossim_pow`` (the dot product, sharpened towards the direction). The activation
+    atlas renders each cell's direction with it.
+
+    Example:
+        >>> print(direction_neuron("mixed4a", torch.ones(508)))
+        direction_neuron(mixed4a, 508-d)
+    """
+    from convlens.analysis.atlas import direction_value
+
+    layer = _layer_arg(layer)
+    vec = torch.as_tensor(vector, dtype=torch.float32).flatten()
+
+    def fn(acts: Activations) -> torch.Tensor:
+        t = acts(layer)
+        if t.ndim < 2 or t.shape[1] != vec.numel():
+            raise ValueError(
+                f"direction_neuron has {vec.numel()} entries but layer {layer!r} has "
+                f"{t.shape[1] if t.ndim > 1 else 1} channels"
+            )
+        h = t[:, :, t.shape[2] // 2, t.shape[3] // 2] if t.ndim == 4 else t
+        v = vec.to(h.device).expand(h.shape[0], -1)
+        return _only(direction_value(h.float(), v, cossim_pow), batch)
+
+    return Objective(
+        fn,
+        [layer],
+        description=f"direction_neuron({layer}, {vec.numel()}-d{_tag(batch)})",
         min_batch=_check_batch(batch),
     )
 
