@@ -89,242 +89,102 @@ from convlens.capture import model_device
 from convlens.device import DeviceLike, resolve_device
 from convlens.microscope import attributions as attribution  # microscope() has a flag attributions
 from convlens.microscope import checks, dataset_pass, examples, pages, renders
-from convlens.microscope._common import (
-    _KINDS as _KINDS,
-)
-from convlens.microscope._common import (
-    _PNG_END as _PNG_END,
-)
-from convlens.microscope._common import (
-    _PNG_MAGIC as _PNG_MAGIC,
-)
-from convlens.microscope._common import (
-    Context as Context,
-)
-from convlens.microscope._common import (
-    Settings as Settings,
-)
 
-# Every name the module had before it was split, from the stage that now defines it (tests,
-# benchmarks and other modules import them from here).
-from convlens.microscope._common import (
-    _finished as _finished,
-)
-from convlens.microscope._common import (
-    _key as _key,
-)
-from convlens.microscope._common import (
-    _layer_dir as _layer_dir,
-)
-from convlens.microscope._common import (
-    _outline as _outline,
-)
-from convlens.microscope._common import (
-    _overlay as _overlay,
-)
-from convlens.microscope._common import (
-    _png_problem as _png_problem,
-)
-from convlens.microscope._common import (
-    _read as _read,
-)
-from convlens.microscope._common import (
-    _save_png as _save_png,
-)
-from convlens.microscope._common import (
-    _thumbnail as _thumbnail,
-)
-from convlens.microscope._common import (
-    _Unit as _Unit,
-)
-from convlens.microscope.attributions import (
-    _ATTR_CACHE as _ATTR_CACHE,
-)
-from convlens.microscope.attributions import (
-    _ATTR_MAX_ROWS as _ATTR_MAX_ROWS,
-)
-from convlens.microscope.attributions import (
-    _ATTR_METHOD as _ATTR_METHOD,
-)
-from convlens.microscope.attributions import (
-    _ATTR_MIN_TOP as _ATTR_MIN_TOP,
-)
-from convlens.microscope.attributions import (
-    _ATTR_PAIRS_PER_IMAGE as _ATTR_PAIRS_PER_IMAGE,
-)
-from convlens.microscope.attributions import (
-    _ATTR_STEPS as _ATTR_STEPS,
-)
-from convlens.microscope.attributions import (
-    _ATTR_VERSION as _ATTR_VERSION,
-)
-from convlens.microscope.attributions import (
-    _RDBU_R as _RDBU_R,
-)
-from convlens.microscope.attributions import (
-    _attr_files as _attr_files,
-)
-from convlens.microscope.attributions import (
-    _attr_numbers as _attr_numbers,
-)
-from convlens.microscope.attributions import (
-    _attr_plan as _attr_plan,
-)
-from convlens.microscope.attributions import (
-    _attr_rows as _attr_rows,
-)
-from convlens.microscope.attributions import (
-    _attr_scale as _attr_scale,
-)
-from convlens.microscope.attributions import (
-    _attr_top as _attr_top,
-)
-from convlens.microscope.attributions import (
-    _attribute_layer as _attribute_layer,
-)
-from convlens.microscope.attributions import (
-    _attribute_pairs as _attribute_pairs,
-)
-from convlens.microscope.attributions import (
-    _attribution_units as _attribution_units,
-)
-from convlens.microscope.attributions import (
-    _AttrPlan as _AttrPlan,
-)
-from convlens.microscope.attributions import (
-    _diverging as _diverging,
-)
-from convlens.microscope.attributions import (
-    _save_rgb as _save_rgb,
-)
-from convlens.microscope.attributions import (
-    _signed_overlay as _signed_overlay,
-)
-from convlens.microscope.attributions import (
-    _total_memory as _total_memory,
-)
-from convlens.microscope.attributions import (
-    _write_attributions as _write_attributions,
-)
-from convlens.microscope.checks import (
-    _CHECK_ABOUT as _CHECK_ABOUT,
-)
-from convlens.microscope.checks import (
-    _CHECK_VERSION as _CHECK_VERSION,
-)
-from convlens.microscope.checks import (
-    _check_path as _check_path,
-)
-from convlens.microscope.checks import (
-    _check_units as _check_units,
-)
-from convlens.microscope.checks import (
-    _measure as _measure,
-)
-from convlens.microscope.checks import (
-    _png_check_why as _png_check_why,
-)
-from convlens.microscope.checks import (
-    _ratio as _ratio,
-)
-from convlens.microscope.checks import (
-    _read_png as _read_png,
-)
-from convlens.microscope.checks import (
-    _render_vs_dataset as _render_vs_dataset,
-)
-from convlens.microscope.connections import (
-    _CHANNELWISE as _CHANNELWISE,
-)
-from convlens.microscope.connections import (
-    _CHANNELWISE_FUNCS as _CHANNELWISE_FUNCS,
-)
-from convlens.microscope.connections import (
-    _connections as _connections,
-)
-from convlens.microscope.connections import (
-    _describe_node as _describe_node,
-)
-from convlens.microscope.dataset_pass import (
-    _cached_examples as _cached_examples,
-)
-from convlens.microscope.dataset_pass import (
-    _data_key as _data_key,
-)
-from convlens.microscope.examples import (
-    _THUMB as _THUMB,
-)
-from convlens.microscope.examples import (
-    _example_files as _example_files,
-)
-from convlens.microscope.examples import (
-    _example_units as _example_units,
-)
-from convlens.microscope.pages import (
-    _CONNECTED as _CONNECTED,
-)
-from convlens.microscope.pages import (
-    _MOMENT_DIGITS as _MOMENT_DIGITS,
-)
-from convlens.microscope.pages import (
-    FORMAT as FORMAT,
-)
-from convlens.microscope.pages import (
-    _attribution_doc as _attribution_doc,
-)
-from convlens.microscope.pages import (
-    _document as _document,
-)
-from convlens.microscope.pages import (
-    _finite as _finite,
-)
-from convlens.microscope.pages import (
-    _relative as _relative,
-)
-from convlens.microscope.pages import (
-    _rounded as _rounded,
-)
-from convlens.microscope.pages import (
-    _stats as _stats,
-)
-from convlens.microscope.renders import (
-    _DIVERSITY_WEIGHT as _DIVERSITY_WEIGHT,
-)
-from convlens.microscope.renders import (
-    _RENDER_VERSION as _RENDER_VERSION,
-)
-from convlens.microscope.renders import (
-    _auto_batch as _auto_batch,
-)
-from convlens.microscope.renders import (
-    _check_render_memory as _check_render_memory,
-)
-from convlens.microscope.renders import (
-    _plan as _plan,
-)
-from convlens.microscope.renders import (
-    _render_batch as _render_batch,
-)
-from convlens.microscope.renders import (
-    _render_files as _render_files,
-)
-from convlens.microscope.renders import (
-    _render_units as _render_units,
-)
-from convlens.microscope.renders import (
-    _RenderPlan as _RenderPlan,
-)
-from convlens.microscope.renders import (
-    _row_seed as _row_seed,
-)
-from convlens.microscope.renders import (
-    _rows as _rows,
-)
-from convlens.microscope.renders import (
-    _UnitObjective as _UnitObjective,
-)
-from convlens.microscope.renders import (
-    _write_renders as _write_renders,
+# Every name the module had before it became a package, from the module that now defines it
+# (tests, benchmarks and other modules import them from convlens.microscope).
+from convlens.microscope._common import (  # noqa: F401
+    _KINDS,
+    _PNG_END,
+    _PNG_MAGIC,
+    Context,
+    Settings,
+    _finished,
+    _key,
+    _layer_dir,
+    _outline,
+    _overlay,
+    _png_problem,
+    _read,
+    _save_png,
+    _thumbnail,
+    _Unit,
+)
+from convlens.microscope.attributions import (  # noqa: F401
+    _ATTR_CACHE,
+    _ATTR_MAX_ROWS,
+    _ATTR_METHOD,
+    _ATTR_MIN_TOP,
+    _ATTR_PAIRS_PER_IMAGE,
+    _ATTR_STEPS,
+    _ATTR_VERSION,
+    _RDBU_R,
+    _attr_files,
+    _attr_numbers,
+    _attr_plan,
+    _attr_rows,
+    _attr_scale,
+    _attr_top,
+    _attribute_layer,
+    _attribute_pairs,
+    _attribution_units,
+    _AttrPlan,
+    _diverging,
+    _save_rgb,
+    _signed_overlay,
+    _total_memory,
+    _write_attributions,
+)
+from convlens.microscope.checks import (  # noqa: F401
+    _CHECK_ABOUT,
+    _CHECK_VERSION,
+    _check_path,
+    _check_units,
+    _measure,
+    _png_check_why,
+    _ratio,
+    _read_png,
+    _render_vs_dataset,
+)
+from convlens.microscope.connections import (  # noqa: F401
+    _CHANNELWISE,
+    _CHANNELWISE_FUNCS,
+    _connections,
+    _describe_node,
+)
+from convlens.microscope.dataset_pass import (  # noqa: F401
+    _cached_examples,
+    _data_key,
+)
+from convlens.microscope.examples import (  # noqa: F401
+    _THUMB,
+    _example_files,
+    _example_units,
+)
+from convlens.microscope.pages import (  # noqa: F401
+    _CONNECTED,
+    _MOMENT_DIGITS,
+    FORMAT,
+    _attribution_doc,
+    _document,
+    _finite,
+    _relative,
+    _rounded,
+    _stats,
+)
+from convlens.microscope.renders import (  # noqa: F401
+    _DIVERSITY_WEIGHT,
+    _RENDER_VERSION,
+    _auto_batch,
+    _check_render_memory,
+    _plan,
+    _render_batch,
+    _render_files,
+    _render_units,
+    _RenderPlan,
+    _row_seed,
+    _rows,
+    _UnitObjective,
+    _write_renders,
 )
 
 __all__ = ["FORMAT", "microscope"]
