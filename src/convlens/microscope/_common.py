@@ -223,9 +223,12 @@ class Context:
     activation atlas, linked from the layer's page; empty: no link.
 
     Example:
-        >>> ctx = convlens.microscope._context(model, data, ["conv1"], out="site/")
-        >>> dataset_pass.run(ctx); ctx.counts["dataset_pass"]
-        1
+        >>> from convlens.microscope import _context, _prepare, dataset_pass, renders
+        >>> ctx = _context(model, data, ["conv1"], out="site/", steps=8)
+        >>> _prepare(ctx)
+        >>> dataset_pass.run(ctx); renders.run(ctx)  # two stages alone
+        >>> ctx.counts["dataset_pass"], ctx.counts["rendered"]
+        (1, 16)
     """
 
     model: Any

@@ -16,7 +16,7 @@ checkpoint; ``force`` deletes the checkpoint and runs the pass again.
 
 Example:
     >>> dataset_pass.run(ctx)
-    >>> ctx.counts["dataset_pass"]  # 0: read from OUT/cache
+    >>> ctx.counts["dataset_pass"]  # 1: the pass ran; 0: its saved result was read
     1
 """
 
