@@ -26,6 +26,7 @@ PUBLIC = [
     "convlens.analysis.attribution",
     "convlens.analysis.featurevis",
     "convlens.report",
+    "convlens.microscope",  # a package of stages; microscope() shows under convlens already
 ]
 
 

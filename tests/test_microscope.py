@@ -182,7 +182,7 @@ def test_other_settings_render_into_other_files(tmp_path: Path) -> None:
 def test_an_interrupted_run_continues_where_it_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    M = sys.modules["convlens.microscope"]  # convlens.microscope is the function
+    M = sys.modules["convlens.microscope.renders"]  # the stage that writes the renders
 
     real = M._write_renders
     calls = {"n": 0}

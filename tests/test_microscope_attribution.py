@@ -34,6 +34,7 @@ from convlens.microscope import (
 )
 
 M = sys.modules["convlens.microscope"]  # convlens.microscope is the function
+A = sys.modules["convlens.microscope.attributions"]  # the stage: patch what it calls here
 
 
 class TinyBN(nn.Module):
@@ -97,13 +98,13 @@ def test_each_map_is_a_direct_attribute_cut_at_the_box(
     map), one image at a time; the PNG is that map cut at the box and drawn on the unit's
     scale; the numbers in microscope.json are the cut map's."""
     seen: dict[tuple[str, int], list[torch.Tensor]] = {}
-    real = M._write_attributions
+    real = A._write_attributions
 
     def spy(folder: Path, layer: str, channel: int, items: list[Any], plan: Any) -> None:
         seen[(layer, channel)] = [amap.clone() for _, amap, _, _ in items]
         real(folder, layer, channel, items, plan)
 
-    monkeypatch.setattr(M, "_write_attributions", spy)
+    monkeypatch.setattr(A, "_write_attributions", spy)
     data = tiny_data(n=21)
     out = _run(tmp_path / "s", layers, model=make(), data=data)
     doc = _doc(out)
@@ -278,7 +279,7 @@ def test_a_rerun_computes_nothing_and_force_recomputes(tmp_path: Path) -> None:
 def test_an_interrupted_stage_continues_where_it_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = M._write_attributions
+    real = A._write_attributions
     calls = {"n": 0}
 
     def flaky(*a: Any, **kw: Any) -> None:
@@ -287,10 +288,10 @@ def test_an_interrupted_stage_continues_where_it_stopped(
             raise KeyboardInterrupt
         real(*a, **kw)
 
-    monkeypatch.setattr(M, "_write_attributions", flaky)
+    monkeypatch.setattr(A, "_write_attributions", flaky)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "s")
-    monkeypatch.setattr(M, "_write_attributions", real)
+    monkeypatch.setattr(A, "_write_attributions", real)
     out = _run(tmp_path / "s")
     work = _doc(out)["work"]
     assert (work["attributions_reused"], work["attributions_written"]) == (2, 4)
@@ -310,7 +311,7 @@ def test_rows_per_batch_do_not_change_the_maps(
     """32 rows (every pair of a layer in one padded batch) against 2 (pairs split over
     five batches, the last padded): the same files, the same numbers."""
     a = _run(tmp_path / "a")
-    monkeypatch.setattr(M, "_attr_plan", lambda *a: _AttrPlan("input_x_gradient", 1, 2, 3))
+    monkeypatch.setattr(A, "_attr_plan", lambda *a: _AttrPlan("input_x_gradient", 1, 2, 3))
     b = _run(tmp_path / "b")
 
     def attr(root: Path) -> tuple[dict[str, bytes], list[Any]]:

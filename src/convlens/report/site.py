@@ -18,6 +18,10 @@ layout, every path relative to ``OUT``::
                                    connections
         r-ab12/0007-channel.png    images the engine wrote (linked where they are, never copied)
 
+A layer may carry ``"atlas"``, the site path of its activation atlas page (written by a
+stage of its own): its three grids then link it ("Activation atlas"); without it the pages
+are the same bytes as before.
+
 Every link is relative to the page it is on, with each path segment percent-encoded, so the
 site works opened from disk (file://) and from any static file server. The pages are plain
 HTML and CSS: no JavaScript, no inline styles, nothing from the network, and a
@@ -346,6 +350,14 @@ def _layers(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                     f"{a['channel']} of {name!r}"
                 )
         connections = _opt_obj(layer.get("connections"), f"{where}.connections") or {}
+        atlas = None
+        if layer.get("atlas") is not None:  # a later stage's activation atlas page
+            atlas = _site_path(layer.get("atlas"))
+            if atlas is None or not atlas.endswith(".html"):
+                raise ReportError(
+                    f"microscope.json: {where}.atlas must be an .html path inside the site, "
+                    f"not {layer.get('atlas')!r}"
+                )
         layers.append(
             {
                 "name": name,
@@ -364,6 +376,7 @@ def _layers(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                 ),
                 "from": _text(connections.get("from")),
                 "from_why": _text(connections.get("why")),
+                "atlas": atlas,
             }
         )
     return layers
