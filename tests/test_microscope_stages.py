@@ -26,7 +26,15 @@ from convlens.report.site import write_site
 
 M = sys.modules["convlens.microscope"]  # convlens.microscope is the function
 LAYERS = ["conv1", "conv2"]
-STAGE_MODULES = ("dataset_pass", "renders", "checks", "examples", "attributions", "pages")
+STAGE_MODULES = (
+    "dataset_pass",
+    "renders",
+    "checks",
+    "examples",
+    "attributions",
+    "atlas",
+    "pages",
+)
 
 
 def _ctx(out: Path, **kw: Any) -> Any:
@@ -173,6 +181,40 @@ def _stage_calls() -> list[str]:
         calls, key=lambda name: inspect.getsource(M.microscope).index(f"{name}.run(")
     )
     return [getattr(M, name).__name__.rpartition(".")[2] for name in calls_in_order]
+
+
+def test_the_atlas_stage_builds_each_layers_atlas_and_the_layer_links_it(tmp_path: Path) -> None:
+    pytest.importorskip("umap")
+    ctx = _ctx(tmp_path / "site", atlas=True)
+    _stage("dataset_pass").run(ctx)
+    _stage("atlas").run(ctx)
+    assert set(ctx.atlas) == set(ctx.keys)
+    for key, href in ctx.atlas.items():
+        doc = json.loads((ctx.out / href).with_name("atlas.json").read_text())
+        assert doc["layer"] == key and doc["parent"]["href"] == "../index.html"
+        have = {u.channel for u in ctx.units if u.layer == key}
+        for cell in doc["levels"][-1]["cells"]:
+            for t in cell["top_channels"]:
+                assert t["unit"] == (
+                    f"../{t['channel']:04d}.html" if t["channel"] in have else None
+                )
+    _stage("renders").run(ctx)
+    _stage("checks").run(ctx)
+    _stage("examples").run(ctx)
+    _stage("attributions").run(ctx)
+    _stage("pages").run(ctx)
+    for key, href in ctx.atlas.items():
+        layer_page = (ctx.out / ctx.dirs[key] / "index.html").read_text()
+        assert 'href="atlas/index.html"' in layer_page
+        assert (ctx.out / href).is_file()
+
+
+def test_without_atlas_the_stage_does_nothing(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path / "site")
+    _stage("dataset_pass").run(ctx)
+    _stage("atlas").run(ctx)
+    assert ctx.atlas == {} and "atlas" not in ctx.stages
+    assert not list((tmp_path / "site").glob("*/atlas"))
 
 
 def test_microscope_runs_the_stages_its_docstring_lists() -> None:

@@ -89,6 +89,13 @@ QUICK = {"channels": "0-15", "steps": 32, "k": 6, "diversity": 2}
     "the example's position, over its receptive-field crop): what in the crop drives the "
     "unit. As many per channel as a quarter of the dataset pass's time affords, at least 3.",
 )
+@click.option(
+    "--atlas",
+    is_flag=True,
+    help="Add each layer's activation atlas (a 20 x 20 grid of 80 px icons, class-free) "
+    "in <layer>/atlas/, linked from the layer's page. Needs pip install "
+    '"convlens[atlas]".',
+)
 @_out_option(Path("site"), "The site: index.html, microscope.json, a folder per layer.")
 @click.option("--force", is_flag=True, help="Recompute what an earlier run left in --out.")
 @click.option(
@@ -125,6 +132,7 @@ def microscope_cmd(
     precision: str,
     schedule: str,
     attributions: bool,
+    atlas: bool,
     out: Path,
     force: bool,
     quick: bool,
@@ -214,6 +222,7 @@ def microscope_cmd(
                 settings={"quick": quick, "model_spec": model_spec, "data_spec": data_spec},
                 attributions=attributions,
                 strict=strict,
+                atlas=atlas,
             )
         if not ctx.is_main:
             _note_warnings(caught, False)

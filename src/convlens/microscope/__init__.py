@@ -45,7 +45,10 @@ called and tested alone. In order:
    dataset image afford, at least 3 (all 9 for a large dataset; integrated gradients'
    steps each cost a pair again). Many pairs share one forward, stopped at the layer, and
    one backward; only the winners' images are read again.
-6. :mod:`~convlens.microscope.pages`, **the pages**, by rank 0: ``microscope.json`` and
+6. :mod:`~convlens.microscope.atlas`, **the activation atlas** (``atlas=True``): each
+   layer's :func:`convlens.atlas` in ``<layer>/atlas/``, its cells' top channels linked to
+   the unit pages.
+7. :mod:`~convlens.microscope.pages`, **the pages**, by rank 0: ``microscope.json`` and
    the static site (:mod:`convlens.report.site`), with the connections between the layers
    (:mod:`~convlens.microscope.connections`). A layer's ``"atlas"`` entry in
    ``microscope.json`` (the site path of its activation atlas page), present when a stage
@@ -87,6 +90,7 @@ from convlens import distributed
 from convlens._io import folder_lock
 from convlens.capture import model_device
 from convlens.device import DeviceLike, resolve_device
+from convlens.microscope import atlas as atlas_stage  # microscope() has a flag atlas
 from convlens.microscope import attributions as attribution  # microscope() has a flag attributions
 from convlens.microscope import checks, dataset_pass, examples, pages, renders
 
@@ -219,6 +223,7 @@ def microscope(
     strict: bool = False,
     precision: str = "auto",
     schedule: Any = "cosine",
+    atlas: bool = False,
 ) -> Path:
     """Build a browsable static site of every channel of ``layers``: feature
     visualizations beside dataset examples, statistics and connections; returns ``out``.
@@ -240,7 +245,9 @@ def microscope(
     ``attributions``: attribute the top examples to their pixels (input x gradient of the
     unit's value at the example's position, over the receptive-field crop: "what in this
     crop drives the unit"; as many examples per channel as a quarter of the dataset pass's
-    time affords, at least 3); ``False`` skips it.
+    time affords, at least 3); ``False`` skips it. ``atlas``: each layer's activation atlas
+    (:func:`convlens.atlas`, a 20 x 20 grid of 80 px icons at the renders' ``steps``) in
+    ``<layer>/atlas/``, linked from the layer's page (needs ``convlens[atlas]``).
 
     Every unit's channel render is checked against the dataset: ``render_vs_dataset`` in
     microscope.json and on its page compares the unit's value on the saved render PNG
@@ -288,6 +295,7 @@ def microscope(
         strict=strict,
         precision=precision,
         schedule=schedule,
+        atlas=atlas,
     )
     with folder_lock(ctx.out, "microscope", ctx=ctx.dist):  # one live run writes out
         _prepare(ctx)
@@ -296,6 +304,7 @@ def microscope(
         checks.run(ctx)
         examples.run(ctx)
         attribution.run(ctx)
+        atlas_stage.run(ctx)  # atlas=True: each layer's activation atlas
         pages.run(ctx)  # rank 0, after every rank's work
     return ctx.out
 
@@ -329,6 +338,7 @@ def _context(
     strict: bool = False,
     precision: str = "auto",
     schedule: Any = "cosine",
+    atlas: bool = False,
 ) -> Context:
     """:func:`microscope`'s arguments (it takes the same) checked and resolved: the model
     and its bundle, the device, the distributed context, ``batch``; and the render batch's
@@ -353,6 +363,12 @@ def _context(
         raise ValueError("diversity is 0 (no diversity set) or at least 2 images, got 1")
     if not isinstance(attributions, bool):
         raise TypeError(f"attributions is True or False, got {attributions!r}")
+    if not isinstance(atlas, bool):
+        raise TypeError(f"atlas is True or False, got {atlas!r}")
+    if atlas:
+        from convlens.analysis.atlas import require_umap
+
+        require_umap()  # a missing extra is one line before the dataset pass, not after
     if not (isinstance(diversity_weight, (int, float)) and math.isfinite(diversity_weight)):
         raise ValueError(f"diversity_weight must be a finite number, got {diversity_weight!r}")
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
@@ -396,6 +412,7 @@ def _context(
             precision=precision,
             schedule=schedule,
             attributions=attributions,
+            atlas=atlas,
             force=force,
             strict=strict,
             title=title,

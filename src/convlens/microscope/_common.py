@@ -205,6 +205,7 @@ class Settings:
     precision: str = "auto"
     schedule: Any = "cosine"
     attributions: bool = True
+    atlas: bool = False
     force: bool = False
     strict: bool = False
     title: str | None = None
