@@ -26,6 +26,8 @@ def tiny(**over) -> TourConfig:
     cfg.faith_steps = 5
     cfg.sanity_methods = ("saliency", "gradcam")
     cfg.sanity_steps = 2
+    cfg.atlas_grid = 4
+    cfg.atlas_size = 32
     for k, v in over.items():
         setattr(cfg, k, v)
     return cfg

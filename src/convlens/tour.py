@@ -18,7 +18,9 @@ assembles ``DIR/report.json`` and the self-contained ``DIR/report.html``
 9. ``featurevis``: feature visualization of the first 10 channels of the course's layer;
 10. ``microscope``: the trained SimpleCNN's ``bn3`` under :func:`convlens.microscope` on the
     validation data: a compact grid here and the full site in ``DIR/microscope/``;
-11. ``summary``: the course's questions with the numbers found.
+11. ``atlas``: the activation atlas of the same ``bn3`` (:func:`convlens.atlas`): the grid
+    of icons here, class atlases of every class and the pages in ``DIR/atlas/``;
+12. ``summary``: the course's questions with the numbers found.
 
 Every finished section is cached in ``DIR`` (its JSON is written last, atomically), so a
 run that was interrupted picks up where it stopped; ``force=True`` recomputes. A section
@@ -67,7 +69,8 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("pretrained", "8. A pretrained model"),
     ("featurevis", "9. Feature visualization"),
     ("microscope", "10. Microscope: every unit of the trained network"),
-    ("summary", "11. Summary"),
+    ("atlas", "11. Activation atlas: everything the layer represents"),
+    ("summary", "12. Summary"),
 )
 _FORMAT = 3  # bump when a section's JSON changes meaning: old caches are recomputed
 
@@ -88,6 +91,9 @@ class TourConfig:
     vis_channels: int = 10
     micro_steps: int = 128
     micro_channels: int | None = None  # None: every channel of the layer
+    atlas_grid: int = 12
+    atlas_steps: int = 128
+    atlas_size: int = 64
     box: tuple[int, int, int, int] = (30, 90, 40, 110)
     attr_steps: int = 64  # integrated gradients in the "where" section
     faith_steps: int = 50  # deletion curve points
@@ -125,6 +131,8 @@ class TourConfig:
                 vis_size=128,
                 micro_steps=32,
                 micro_channels=16,
+                atlas_grid=8,
+                atlas_steps=32,
                 attr_steps=16,
                 faith_steps=25,
                 sanity_steps=8,
@@ -147,6 +155,7 @@ class TourConfig:
                 raise ValueError(f"steps must be at least 1, got {steps}")
             cfg.vis_steps = steps
             cfg.micro_steps = steps
+            cfg.atlas_steps = steps
         cfg.seed = seed
         return cfg
 
@@ -811,6 +820,79 @@ def _microscope(ctx: _Ctx) -> dict[str, Any]:
     }
 
 
+def _atlas(ctx: _Ctx) -> dict[str, Any]:
+    from convlens.analysis.atlas import require_umap
+    from convlens.analysis.featurevis import featurevis_layer
+    from convlens.atlas import atlas
+    from convlens.plot import atlas_grid
+
+    try:
+        require_umap()
+    except ConvlensError as e:
+        raise Missing(str(e), 'pip install "convlens[atlas]"') from None
+    bundle = ctx.trained()
+    _, val = ctx.datasets()
+    names = {n for n, _ in bundle.model.named_modules()}
+    layer = "bn3" if "bn3" in names else featurevis_layer(bundle)
+    cfg = ctx.cfg
+    out = atlas(
+        bundle,
+        val,
+        layer,
+        out=ctx.out / "atlas",
+        grid=cfg.atlas_grid,
+        size=cfg.atlas_size,
+        steps=cfg.atlas_steps,
+        classes="all",
+        seed=cfg.seed,
+        device=ctx.device,
+        progress=ctx.progress,
+        title=f"convlens tour: activation atlas of {bundle.name} {layer}",
+    )
+    doc = json.loads((out / "atlas.json").read_text())
+    lay = doc["layout"]
+    main = next(lv for lv in doc["levels"] if lv["grid"] == cfg.atlas_grid)
+    rows = [[ca["name"], ca["samples"], len(ca["cells"])] for ca in doc["class_atlases"]]
+    figures = [ctx.save(atlas_grid(out), "atlas_grid.png")]
+    agree = lay.get("neighbour_agreement")
+    chance = lay.get("chance")
+    return {
+        "intro": (
+            f"One activation vector of {layer} at a random position of each of the "
+            f"{doc['samples']['images']} validation images, laid out in 2-D by UMAP so that "
+            "similar vectors land close; the layout cut into a "
+            f"{cfg.atlas_grid} x {cfg.atlas_grid} grid, and each cell's mean vector "
+            "(whitened) rendered as a feature visualization. Where a single channel's "
+            "render shows one direction of the layer, the atlas shows the directions the "
+            "data actually uses. "
+            + (
+                f"The nearest neighbour of a sample on the map has the same label "
+                f"{agree:.0%} of the time (chance {chance:.0%})."
+                if agree is not None and chance is not None
+                else ""
+            )
+        ),
+        "figures": figures,
+        "tables": [
+            {
+                "caption": "Class atlases: samples the model predicts as the class (with "
+                "positive attribution to it), and their cells",
+                "columns": ["class", "samples", "cells"],
+                "rows": rows,
+            }
+        ],
+        "links": [{"href": "atlas/index.html", "text": f"Open the activation atlas of {layer}"}],
+        "numbers": {
+            "layer": layer,
+            "samples": doc["samples"]["count"],
+            "icons": len(main["cells"]),
+            "neighbour agreement": agree,
+            "chance": chance,
+            "seconds": doc["timing"],
+        },
+    }
+
+
 def _summary(ctx: _Ctx) -> dict[str, Any]:
     def get(section: str, key: str) -> Any:
         s = ctx.done.get(section, {})
@@ -864,6 +946,17 @@ def _summary(ctx: _Ctx) -> dict[str, Any]:
                 f"{get('microscope', 'layer')}: microscope/index.html"
             ),
         ],
+        [
+            "What does a whole layer represent?",
+            "the activation atlas: sampled vectors laid out by UMAP, each cell rendered",
+            show(
+                None
+                if get("atlas", "layer") is None
+                else f"{get('atlas', 'icons')} icons of {get('atlas', 'layer')}; nearest "
+                f"neighbours share a label {get('atlas', 'neighbour agreement') or 0:.0%} "
+                f"of the time (chance {get('atlas', 'chance') or 0:.0%}): atlas/index.html"
+            ),
+        ],
     ]
     states = {sid: ctx.done.get(sid, {}).get("status", "not run") for sid, _ in SECTIONS[:-1]}
     return {
@@ -890,6 +983,7 @@ _COMPUTE: dict[str, Callable[[_Ctx], dict[str, Any]]] = {
     "pretrained": _pretrained,
     "featurevis": _featurevis,
     "microscope": _microscope,
+    "atlas": _atlas,
     "summary": _summary,
 }
 
@@ -921,6 +1015,16 @@ _DEPENDS: dict[str, tuple[str, ...]] = {
         "micro_steps",
         "micro_channels",
     ),
+    "atlas": (
+        "data",
+        "train_per_class",
+        "epochs",
+        "seed",
+        "quick",
+        "atlas_grid",
+        "atlas_steps",
+        "atlas_size",
+    ),
     "summary": ("__always__",),
 }
 
@@ -929,7 +1033,9 @@ def _key(cfg: TourConfig, sid: str, device: torch.device) -> str:
     d = asdict(cfg)
     parts = {k: d[k] for k in _DEPENDS[sid] if k in d}
     parts["format"] = _FORMAT
-    parts["device"] = device.type if sid in ("training", "featurevis", "microscope") else None
+    parts["device"] = (
+        device.type if sid in ("training", "featurevis", "microscope", "atlas") else None
+    )
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

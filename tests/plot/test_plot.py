@@ -331,3 +331,43 @@ def test_microscope_grid_reads_a_site(tmp_path):
         microscope_grid(site, "conv9")
     with pytest.raises(FileNotFoundError, match="convlens microscope"):
         microscope_grid(tmp_path / "nothing")
+
+
+def test_atlas_grid_places_each_icon_at_its_cell_faded_by_count(tmp_path):
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    from convlens.plot import atlas_grid
+
+    (tmp_path / "icons").mkdir()
+    cells = []
+    for row, col, count, rgb in [(0, 1, 9, (255, 0, 0)), (1, 0, 1, (0, 0, 255))]:
+        name = f"icons/r{row}c{col}.png"
+        Image.new("RGB", (4, 4), rgb).save(tmp_path / name)
+        cells.append({"row": row, "col": col, "count": count, "icon": name})
+    doc = {
+        "layer": "conv2",
+        "settings": {"grid": 2},
+        "levels": [{"grid": 2, "cells": cells}],
+        "class_atlases": [{"name": "odd", "grid": 2, "cells": cells[:1]}],
+    }
+    (tmp_path / "atlas.json").write_text(json.dumps(doc))
+    fig = atlas_grid(tmp_path)
+    (ax,) = fig.get_axes()
+    img = np.asarray(ax.images[0].get_array())
+    assert img.shape == (8, 8, 3)
+    assert np.allclose(img[0:4, 4:8], [1, 0, 0])  # the fullest cell: opaque red, top right
+    assert np.allclose(img[0:4, 0:4], 1.0)  # no cell: blank
+    a = 0.25 + 0.75 * math.log1p(1) / math.log1p(9)  # one sample: faded blue, bottom left
+    assert np.allclose(img[4:8, 0:4], [1 - a, 1 - a, 1.0])
+    assert "2 icons" in fig._suptitle.get_text()
+    only = np.asarray(atlas_grid(tmp_path, class_name="odd").get_axes()[0].images[0].get_array())
+    assert np.allclose(only[4:8, 0:4], 1.0)
+    with pytest.raises(KeyError, match="odd"):
+        atlas_grid(tmp_path, class_name="even")
+    with pytest.raises(KeyError, match="no level 5"):
+        atlas_grid(tmp_path, 5)
+    with pytest.raises(FileNotFoundError, match="convlens atlas"):
+        atlas_grid(tmp_path / "nothing")

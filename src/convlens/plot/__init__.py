@@ -7,6 +7,7 @@ elsewhere ``save_figure(fig, "x.png")``.
 
 from convlens.plot._base import save_figure, show_in_jupyter
 from convlens.plot.activations import channel_stats, feature_maps, mean_maps
+from convlens.plot.atlas import atlas_grid
 from convlens.plot.attribution import attribution, faithfulness_curves, sanity
 from convlens.plot.depth import depth_comparison
 from convlens.plot.examples import examples
@@ -25,6 +26,7 @@ from convlens.plot.training import (
 )
 
 __all__ = [
+    "atlas_grid",
     "attribution",
     "channel_stats",
     "channels",
