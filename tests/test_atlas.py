@@ -483,3 +483,44 @@ def test_torchrun_two_processes_write_the_same_atlas(tmp_path: Path) -> None:
     da, db = (json.loads((d / "atlas.json").read_text()) for d in (one, two))
     da.pop("timing"), db.pop("timing")
     assert da == db
+
+
+@pytest.mark.slow  # about a minute: trains a SimpleCNN
+def test_on_trained_shapes_the_map_groups_classes_and_class_atlases_differ(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It means something: the layout's nearest neighbours share their class far more
+    often than chance, and the class atlases of two shapes sit in different places."""
+    pytest.importorskip("umap")
+    from convlens.data import shapes
+    from convlens.models import build_architecture
+    from convlens.train import train
+
+    monkeypatch.setenv("CONVLENS_HOME", str(tmp_path / "home"))
+    tr, va = shapes(train_per_class=100, val_per_class=30, progress=False)
+    model = build_architecture("simple_cnn", 10, seed=0)
+    r = train(model, tr, va, epochs=6, lr=5e-3, device="cpu", progress=False, recipe="fast")
+    assert r.val_accuracy > 0.5
+    out = atlas(
+        model,
+        va,
+        "bn3",
+        out=tmp_path / "atlas",
+        samples_per_image=4,
+        grid=8,
+        min_count=2,
+        size=32,
+        steps=8,
+        classes="all",
+        progress=False,
+        device="cpu",
+    )
+    doc = json.loads((out / "atlas.json").read_text())
+    agree, chance = doc["layout"]["neighbour_agreement"], doc["layout"]["chance"]
+    assert agree > 2 * chance, (agree, chance)
+    big = sorted(doc["class_atlases"], key=lambda c: -c["samples"])[:2]
+    assert len(big) == 2 and all(c["cells"] for c in big)
+    a, b = ({(c["row"], c["col"]): c["count"] for c in ca["cells"]} for ca in big)
+    shared = sum(min(a.get(k, 0), b.get(k, 0)) for k in set(a) | set(b))
+    overlap = shared / min(sum(a.values()), sum(b.values()))
+    assert overlap < 0.5, (big[0]["name"], big[1]["name"], overlap)

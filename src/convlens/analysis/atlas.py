@@ -84,7 +84,9 @@ def require_umap() -> Any:
         >>> umap = require_umap()
     """
     try:
-        import umap
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Tensorflow not installed; ParametricUMAP ..."
+            import umap
     except ImportError:
         raise _umap_missing() from None
     return umap

@@ -216,26 +216,35 @@ def _device_option(fn: F) -> F:
 
 def _render_options(fn: F) -> F:
     """``--precision`` and ``--schedule``, as every command that renders takes them."""
+    return _render_options_for()(fn)
+
+
+def _render_options_for(schedule: str | None = None, why: str = "") -> Callable[[F], F]:
+    """:func:`_render_options` with another default ``schedule`` (``why``: a sentence for
+    the help saying why)."""
     from convlens.analysis.featurevis.schedule import DEFAULT_SCHEDULE, SCHEDULES
 
-    fn = click.option(
-        "--schedule",
-        type=click.Choice(list(SCHEDULES)),
-        default=DEFAULT_SCHEDULE,
-        show_default=True,
-        help="The learning rate over the steps: cosine (a warm-up to a peak, then a cosine "
-        "decay; reaches a given objective in far fewer steps) or constant (Lucid's 0.05, "
-        "the images of earlier versions).",
-    )(fn)
-    return click.option(
-        "--precision",
-        type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-        default="auto",
-        show_default=True,
-        help="The model's forward and backward under autocast (auto: bfloat16 on a CPU with "
-        "AVX-512 BF16/AMX and on CUDA 8.0+, float16 on older CUDA, else float32); the image, "
-        "Adam and the objective stay float32.",
-    )(fn)
+    def decorate(fn: F) -> F:
+        fn = click.option(
+            "--schedule",
+            type=click.Choice(list(SCHEDULES)),
+            default=schedule or DEFAULT_SCHEDULE,
+            show_default=True,
+            help="The learning rate over the steps: cosine (a warm-up to a peak, then a cosine "
+            "decay; reaches a given objective in far fewer steps) or constant (Lucid's 0.05, "
+            "the images of earlier versions)." + (f" {why}" if why else ""),
+        )(fn)
+        return click.option(
+            "--precision",
+            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            default="auto",
+            show_default=True,
+            help="The model's forward and backward under autocast (auto: bfloat16 on a CPU "
+            "with AVX-512 BF16/AMX and on CUDA 8.0+, float16 on older CUDA, else float32); "
+            "the image, Adam and the objective stay float32.",
+        )(fn)
+
+    return decorate
 
 
 def _model_options(fn: F) -> F:
