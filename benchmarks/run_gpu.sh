@@ -25,3 +25,6 @@ cp /tmp/train-cuda/metrics.json "$out/train-cuda-metrics.json" 2>/dev/null || tr
 # (the Imagenette val JPEGs come from ../shared/data when the machine has it)
 timeout 420 python3 benchmarks/microscope.py --device cuda --skip-lucent --skip-renders \
   --torchrun 1 --out "$out" 2>&1 | tee "$out/bench-microscope-cuda.log"
+# the activation atlas (needs umap-learn: put its wheels, numba and llvmlite included, in .whl/)
+timeout 420 python3 benchmarks/atlas.py --device cuda --skip-steps 2>&1 | tee "$out/bench-atlas-cuda.log"
+cp benchmarks/results/atlas.json "$out/atlas-cuda.json" 2>/dev/null || true

@@ -72,6 +72,12 @@ def test_tiny_quick_tour_runs_every_section(tiny_tour: Path):
     assert 0.0 <= acc <= 1.0
     assert len(by_id["featurevis"]["tables"][0]["rows"]) == 3
     assert by_id["spatial"]["tables"][0]["columns"][1] == "inside_fraction"
+    # the activation atlas of the trained bn3: its grid, its class atlases, its pages
+    at = by_id["atlas"]
+    assert at["numbers"]["layer"] == "bn3" and at["numbers"]["icons"] > 0
+    assert 0 <= at["numbers"]["neighbour agreement"] <= 1
+    assert (out / at["links"][0]["href"]).is_file()
+    assert {f["file"] for f in at["figures"]} == {"atlas_grid.png"}
     # the "where" section three ways: occlusion, integrated gradients, Grad-CAM, and the
     # sanity check, each with its numbers
     where = by_id["spatial"]
@@ -126,7 +132,15 @@ def test_interrupted_tour_resumes_without_recomputing(
     calls.clear()
     tour_mod._COMPUTE["depth"] = counting("depth")
     tour(config=tiny(), out=out, progress=False, device="cpu")
-    assert calls == ["depth", "spatial", "pretrained", "featurevis", "microscope", "summary"]
+    assert calls == [
+        "depth",
+        "spatial",
+        "pretrained",
+        "featurevis",
+        "microscope",
+        "atlas",
+        "summary",
+    ]
     assert statuses(out) == {sid: "done" for sid, _ in SECTIONS}
 
     calls.clear()  # a finished tour: only the summary is rebuilt

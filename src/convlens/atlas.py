@@ -76,6 +76,21 @@ _CLASS_SAMPLES = 2000  # Lucid's class atlases: the top 2,000-3,000 by class att
 ICON_BATCH = 32
 
 
+def _icon_rows(n: int) -> int:
+    """Rows per icon batch for ``n`` icons in all (every rank's): at most
+    :data:`ICON_BATCH`, as even as the batches allow, so the last one is not mostly
+    padding (214 icons: 7 batches of 31, not 6 of 32 and one of 22 padded to 32). It
+    depends on the total only, so every rank pads to the same shape.
+
+    Example:
+        >>> _icon_rows(214), _icon_rows(20), _icon_rows(64)
+        (31, 20, 32)
+    """
+    if n <= 0:
+        return ICON_BATCH
+    return math.ceil(n / math.ceil(n / ICON_BATCH))
+
+
 def _icon_precision(precision: str, dev: torch.device) -> str:
     """``"auto"`` on a CPU is float32 for the icons: at their 80 px, bfloat16 autocast
     measured 1.5x slower per step than float32 on a CPU with AMX (benchmarks/README.md,
@@ -495,7 +510,7 @@ def atlas(
             "whiten": whiten,
             "version": _ICON_VERSION,
         }
-        rows = ICON_BATCH if batch == "auto" else int(batch)
+        rows = _icon_rows(len(jobs)) if batch == "auto" else int(batch)
         mine = jobs[ctx.rank :: ctx.world]
         todo = []
         for j in mine:
@@ -566,6 +581,8 @@ def atlas(
                 parent,
                 unit_pages,
                 dev,
+                crop_dir=f"crops/{sample_key}",
+                force=force,
             )
             timing["pages"] = time.perf_counter() - t0
             timing["total"] = time.perf_counter() - t_all
@@ -616,8 +633,11 @@ def _document(
     parent: dict[str, str] | None,
     unit_pages: Callable[[int], str | None] | None,
     dev: torch.device,
+    crop_dir: str = "crops",
+    force: bool = False,
 ) -> dict[str, Any]:
-    """``atlas.json``'s content; writes the crops it names."""
+    """``atlas.json``'s content; writes the crops it names (into ``crop_dir``, named by
+    the samples' key: other samples never reuse them), decoding on threads."""
     from convlens.analysis.receptive import receptive_field
     from convlens.models.forms import model_dtype
 
@@ -632,7 +652,7 @@ def _document(
 
     def crop_of(sid: int) -> dict[str, Any]:
         if sid not in crops:
-            crops[sid] = _crop(out, source, samples, sid, rf)
+            crops[sid] = _crop_entry(samples, sid, crop_dir)
         return crops[sid]
 
     data_names = samples.classes
@@ -692,6 +712,14 @@ def _document(
                     "cells": docs,
                 }
             )
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1), "convlens-crops") as pool:
+        for f in [
+            pool.submit(_crop, out, source, samples, sid, rf, e["image"], force)
+            for sid, e in sorted(crops.items())
+        ]:
+            f.result()
     return {
         "format": FORMAT,
         "title": title or f"Activation atlas of {model_name} {samples.layer}",
@@ -738,32 +766,38 @@ def _finite(v: Any) -> float | None:
     return round(f, 6) if math.isfinite(f) else None
 
 
-def _crop(out: Path, source: Any, samples: AtlasSamples, sid: int, rf: Any) -> dict[str, Any]:
+def _crop_entry(samples: AtlasSamples, sid: int, folder: str) -> dict[str, Any]:
+    """What atlas.json says of sample ``sid``'s crop (``folder/sNNNNNN.png``)."""
+    label = int(samples.label[sid])
+    return {
+        "image": f"{folder}/s{sid:06d}.png",
+        "index": int(samples.index[sid]),
+        "position": [int(v) for v in samples.position[sid].tolist()],
+        "label": samples.classes[label]
+        if samples.classes and 0 <= label < len(samples.classes)
+        else None,
+    }
+
+
+def _crop(
+    out: Path, source: Any, samples: AtlasSamples, sid: int, rf: Any, rel: str, force: bool
+) -> None:
     """Sample ``sid``'s receptive field cut from its image, the position's own stride
-    cell outlined; written once to ``crops/sNNNNNN.png``."""
+    cell outlined, written to ``rel`` (kept when whole, unless ``force``); an image that
+    cannot be read leaves it missing (the page says so)."""
     import torch.nn.functional as F
 
     from convlens.microscope import _png_problem
 
     idx = int(samples.index[sid])
     y, x = (int(v) for v in samples.position[sid].tolist())
-    label = int(samples.label[sid])
-    rel = f"crops/s{sid:06d}.png"
-    entry = {
-        "image": rel,
-        "index": idx,
-        "position": [y, x],
-        "label": samples.classes[label]
-        if samples.classes and 0 <= label < len(samples.classes)
-        else None,
-    }
     path = out / rel
-    if _png_problem(path) is None:
-        return entry
+    if not force and _png_problem(path) is None:
+        return
     try:
         xin, _, _ = source.load(idx)
     except Exception:
-        return entry
+        return
     img = source.display(xin).float().clamp(0, 1)
     H, W = img.shape[-2:]
     if tuple(img.shape[-2:]) != tuple(samples.input_shape[-2:]):
@@ -802,4 +836,3 @@ def _crop(out: Path, source: Any, samples: AtlasSamples, sid: int, rf: Any) -> d
         scale = side / max(crop.shape[1:])
         crop = F.interpolate(crop[None], scale_factor=scale, mode="nearest")[0]
     _save_png(crop, path)
-    return entry

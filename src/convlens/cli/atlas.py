@@ -94,7 +94,8 @@ def _levels(value: str | None) -> list[int] | None:
     "--batch",
     default="auto",
     show_default=True,
-    help="Icons rendered together (auto: 32); every batch is padded to it, so the icons "
+    help="Icons rendered together (auto: at most 32, as even as the batches allow); every "
+    "batch is padded to it, so the icons "
     "are the same for any number of ranks.",
 )
 @click.option(
@@ -106,7 +107,7 @@ def _levels(value: str | None) -> list[int] | None:
 @_render_options_for(
     "constant",
     "The atlas's icons default to constant: on Lite0 blocks.5 cells cosine reached "
-    "0.75 of its direction objective at 512 steps (benchmarks/README.md, atlas.py); "
+    "0.78 of its direction objective at 512 steps (benchmarks/README.md, atlas.py); "
     "auto precision is float32 on a CPU, where bfloat16 was slower at 80 px.",
 )
 @_out_option(Path("atlas"), "The atlas: index.html, atlas.json, icons/, cells/, crops/.")
