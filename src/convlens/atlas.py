@@ -22,7 +22,8 @@
    an icon depends on the settings and its cell only. One PNG and one JSON per cell,
    written atomically; a cell whose JSON names the same settings is not rendered again.
    Under ``torchrun`` the cells are split ``cells[rank::world]``.
-4. **Pages** (rank 0, after a barrier): receptive-field crops of each cell's most typical
+4. **Pages** (rank 0, after a barrier): receptive-field crops (``OUT/crops/<samples key>/``,
+   decoded on threads) of each cell's most typical
    samples, ``atlas.json`` and the static pages (:func:`convlens.report.write_atlas_site`).
 
 Example:
