@@ -246,7 +246,7 @@ def microscope(
     unit's value at the example's position, over the receptive-field crop: "what in this
     crop drives the unit"; as many examples per channel as a quarter of the dataset pass's
     time affords, at least 3); ``False`` skips it. ``atlas``: each layer's activation atlas
-    (:func:`convlens.atlas`, a 20 x 20 grid of 80 px icons at the renders' ``steps``) in
+    (:func:`convlens.atlas` at its defaults: a 20 x 20 grid of 80 px icons, 512 steps) in
     ``<layer>/atlas/``, linked from the layer's page (needs ``convlens[atlas]``).
 
     Every unit's channel render is checked against the dataset: ``render_vs_dataset`` in
