@@ -35,7 +35,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -64,6 +63,7 @@ from convlens.analysis.atlas import (
     sample_activations,
 )
 from convlens.errors import ConvlensError
+from convlens.microscope._common import _key, _png_problem, _read, _save_png
 
 __all__ = ["atlas"]
 
@@ -102,10 +102,6 @@ def _icon_precision(precision: str, dev: torch.device) -> str:
         'float32'
     """
     return "float32" if precision == "auto" and dev.type == "cpu" else precision
-
-
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -207,33 +203,9 @@ def _render_icons(
     return img[:real, : plan.channels].cpu(), start[:real], final[:real]
 
 
-def _save_png(image: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
-    x = image.detach().float().cpu().clamp(0, 1)
-    if x.shape[0] >= 3:
-        arr = (x[:3].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-        img = Image.fromarray(arr, "RGB")
-    else:
-        img = Image.fromarray((x[0] * 255).round().to(torch.uint8).numpy(), "L")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "wb") as fh:
-        img.save(fh, format="PNG")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-        return d if isinstance(d, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def _icon_done(out: Path, job: _Job, key: str) -> dict[str, Any] | None:
-    from convlens.microscope import _png_problem
 
-    meta = _read_json(out / f"{job.stem}.json")
+    meta = _read(out / f"{job.stem}.json")
     if meta is None or meta.get("key") != key:
         return None
     if _png_problem(out / f"{job.stem}.png") is not None:
@@ -538,6 +510,7 @@ def atlas(
                         net, samples.layer, [j for j, _ in chunk], plan, seed, dev, rows
                     )
                     for (j, key), img, v0, v1 in zip(chunk, imgs, start, final):
+                        (out / j.stem).parent.mkdir(parents=True, exist_ok=True)
                         _save_png(img, out / f"{j.stem}.png")
                         write_json(
                             out / f"{j.stem}.json",
@@ -663,7 +636,7 @@ def _document(
         docs = []
         for cell in cells:
             stem = f"icons/{group}/g{cell.grid}/{cell.name}"
-            meta = _read_json(out / f"{stem}.json") or {}
+            meta = _read(out / f"{stem}.json") or {}
             mean = means_of[(group, cell.grid, cell.name)]
             top = torch.argsort(mean, descending=True, stable=True)[:6].tolist()
             page = (
@@ -788,8 +761,6 @@ def _crop(
     cannot be read leaves it missing (the page says so)."""
     import torch.nn.functional as F
 
-    from convlens.microscope import _png_problem
-
     idx = int(samples.index[sid])
     y, x = (int(v) for v in samples.position[sid].tolist())
     path = out / rel
@@ -836,4 +807,5 @@ def _crop(
     if max(crop.shape[1:]) < side:
         scale = side / max(crop.shape[1:])
         crop = F.interpolate(crop[None], scale_factor=scale, mode="nearest")[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
     _save_png(crop, path)

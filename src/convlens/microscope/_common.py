@@ -176,10 +176,13 @@ _KINDS = ("channel", "neuron", "negative")
 
 
 def _read(path: Path) -> dict[str, Any] | None:
+    """The JSON object at ``path``; None when it is missing, unreadable, not JSON (or not
+    UTF-8), or not an object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
+    return d if isinstance(d, dict) else None
 
 
 # ------------------------------------------------------------------------ the stages' context
