@@ -393,6 +393,7 @@ def test_a_minimal_document(tmp_path: Path) -> None:
             r"top_channels\[0\]\.unit",
         ),
         (lambda d: d["parent"].update(href="/abs"), r"parent\.href"),
+        (lambda d: d["parent"].update(href=None), r"parent\.href"),
         (lambda d: d.update(levels={}), "levels must be a list"),
         (lambda d: d.update(levels=[]), "levels is empty"),
         (lambda d: d.update(layout=[1]), "layout must be an object"),

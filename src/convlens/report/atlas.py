@@ -260,7 +260,8 @@ def _parent(value: Any) -> dict[str, str] | None:
     if p is None:
         return None
     href = _link(_need(p, "href", "parent"), "parent.href")
-    assert href is not None
+    if href is None:  # a null href: the document names no page to go back to
+        raise ReportError("atlas.json: parent.href must be a path relative to the atlas folder")
     return {"href": href, "text": _text(p.get("text")) or "back"}
 
 
