@@ -168,6 +168,25 @@ def test_quick_sets_few_steps_and_channels(tmp_path: Path, monkeypatch: pytest.M
     assert seen["steps"] == 5  # given: kept
     assert (seen["k"], seen["diversity"]) == (6, 2)
     assert seen["diversity_weight"] == M._DIVERSITY_WEIGHT  # the function's default
+    assert seen["atlas"] is False  # the atlas is opt-in
+    seen.clear()
+    run("microscope", "--quick", "--atlas", "--device", "cpu", "--out", str(tmp_path))
+    assert seen["atlas"] is True
+
+
+def test_atlas_builds_each_layers_atlas_linked_from_its_page(tmp_path: Path) -> None:
+    pytest.importorskip("umap")
+    data = _folder(tmp_path / "photos", n=6)
+    out = tmp_path / "site"
+    small = ["--layers", "conv3", "--channels", "0-1", "--k", "2", "--steps", "2"]
+    small += ["--diversity", "0", "--size", "24", "--no-attributions"]
+    r = run("microscope", *ARGS, *small, "--data", str(data), "--out", str(out), "--atlas")
+    assert_ok(r)
+    doc = json.loads((out / "microscope.json").read_text())
+    (layer,) = doc["layers"]
+    assert layer["atlas"] == "0-conv3/atlas/index.html"
+    assert (out / layer["atlas"]).is_file()
+    assert 'href="atlas/index.html"' in (out / "0-conv3" / "index.html").read_text()
 
 
 @pytest.mark.parametrize(
