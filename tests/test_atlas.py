@@ -255,11 +255,9 @@ def test_direction_neuron_objective_is_public_and_renders() -> None:
 # ------------------------------------------------------------------ the pipeline
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("umap")
-    out = tmp_path_factory.mktemp("atlas") / "out"
-    atlas(
+def _build(out: Path) -> Path:
+    """The tiny atlas the pipeline tests share (built once, then rebuilt to resume)."""
+    return atlas(
         tiny_model(),
         tiny_data(n=40),
         "conv2",
@@ -274,6 +272,13 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
         device="cpu",
         unit_pages=lambda c: f"../units/{c:04d}.html",
     )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("umap")
+    out = tmp_path_factory.mktemp("atlas") / "out"
+    _build(out)
     return out
 
 
@@ -332,21 +337,7 @@ def test_a_rerun_renders_and_samples_nothing_new(
     monkeypatch.setattr(M, "_render_icons", refuse)
     monkeypatch.setattr(M, "sample_activations", refuse)
     monkeypatch.setattr(M, "layout", refuse)
-    atlas(
-        tiny_model(),
-        tiny_data(n=40),
-        "conv2",
-        out=built,
-        samples_per_image=2,
-        grid=4,
-        min_count=2,
-        size=16,
-        steps=24,
-        classes="all",
-        progress=False,
-        device="cpu",
-        unit_pages=lambda c: f"../units/{c:04d}.html",
-    )
+    _build(built)
     assert {p: p.read_bytes() for p in built.rglob("icons/**/*.png")} == icons
 
 

@@ -338,10 +338,8 @@ def sample_activations(
         >>> s.vectors.shape
     """
     from convlens._progress import tqdm
-    from convlens.analysis._sources import fix_size, make_source
-    from convlens.analysis.examples import _fill_batch, _Loader, _resolve_targets
-    from convlens.capture import model_device
-    from convlens.device import resolve_device
+    from convlens.analysis._sources import fix_size
+    from convlens.analysis.examples import _fill_batch, _Loader, _resolve_targets, open_pass
     from convlens.models.forms import model_dtype, select_output
     from convlens.models.layers import evaluating
     from convlens.models.zoo import model_and_bundle
@@ -349,15 +347,9 @@ def sample_activations(
     if not isinstance(samples_per_image, int) or samples_per_image < 1:
         raise ValueError(f"samples_per_image must be a positive integer, got {samples_per_image!r}")
     net, bundle = model_and_bundle(model)
-    prep = preprocess if preprocess is not None else (bundle.preprocess if bundle else None)
-    source = make_source(data, prep, split=split)
-    dev = distributed.local_device(model_device(net) if device is None else resolve_device(device))
-    ctx = distributed.context(dev)
-    if device is not None or dev != model_device(net):
-        net.to(dev)
-    bs = _auto_batch(dev) if batch_size == "auto" else batch_size
-    if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
-        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    _, source, dev, ctx, bs = open_pass(
+        net, bundle, data, preprocess, split, device, batch_size, _auto_batch
+    )
     n = len(source)
     if n == 0:
         raise ConvlensError("the dataset is empty: the atlas needs images")

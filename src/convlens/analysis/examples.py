@@ -1180,6 +1180,36 @@ def _save_checkpoint(
         torch.save(ck, fh)
 
 
+def open_pass(
+    net: nn.Module,
+    bundle: Any,
+    data: Any,
+    preprocess: Callable[[torch.Tensor], torch.Tensor] | None,
+    split: str,
+    device: DeviceLike | None,
+    batch_size: int | str,
+    auto_batch: Callable[[torch.device], int],
+) -> tuple[Any, Source, torch.device, distributed.DistContext, int]:
+    """What every dataset-wide pass starts with: the preprocessing (``preprocess``, else
+    the bundle's), the data as a :class:`Source`, the device (where the model is, or the
+    one asked for; each torchrun rank on its own GPU, the model moved there), the
+    distributed context, and the batch size (``"auto"``: ``auto_batch(device)``).
+
+    Example:
+        >>> prep, source, dev, ctx, bs = open_pass(net, None, data, None, "val", "cpu", 8, f)
+    """
+    prep = preprocess if preprocess is not None else (bundle.preprocess if bundle else None)
+    source = make_source(data, prep, split=split)
+    dev = distributed.local_device(model_device(net) if device is None else resolve_device(device))
+    ctx = distributed.context(dev)
+    if device is not None or dev != model_device(net):
+        net.to(dev)
+    bs = auto_batch(dev) if batch_size == "auto" else batch_size
+    if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    return prep, source, dev, ctx, bs
+
+
 def _batches(indices: range, size: int) -> list[range]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
@@ -1470,17 +1500,9 @@ def dataset_examples(
         layers = [s.strip() for s in layers.split(",") if s.strip()]
     if not layers:
         raise ValueError("no layers given: name at least one, e.g. ['layer4']")
-    prep = preprocess if preprocess is not None else (bundle.preprocess if bundle else None)
-    source = make_source(data, prep, split=split)
-
-    # Device: where the model is, or the one asked for; each torchrun rank on its own GPU.
-    dev = distributed.local_device(model_device(net) if device is None else resolve_device(device))
-    ctx = distributed.context(dev)
-    if device is not None or dev != model_device(net):
-        net.to(dev)
-    bs = _auto_batch(dev) if batch_size == "auto" else batch_size
-    if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
-        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    prep, source, dev, ctx, bs = open_pass(
+        net, bundle, data, preprocess, split, device, batch_size, _auto_batch
+    )
 
     item_shape = fix_size(source)
     dtype = model_dtype(net)
