@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from convlens import distributed
+from convlens._alloc import keep_heap
 from convlens._io import atomic_open, write_json
 from convlens.analysis.atlas import (
     UMAP_METRIC,
@@ -177,7 +178,7 @@ def _render_icons(
     mp = MixedPrecision(plan.precision, dev, plan.dtype)
     tgen = torch.Generator().manual_seed(seed)  # the same transforms for every batch
     fwd = _Forward(net, obj)
-    with fwd.hooked(False):
+    with fwd.hooked(False), keep_heap():
         with torch.no_grad():
             img = param().detach()
             start = obj_fn.measured(fwd(plan.pipe(img), img)(layer).float()).cpu()

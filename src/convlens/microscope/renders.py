@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens import _signals, distributed
+from convlens._alloc import keep_heap
 from convlens._io import write_json
 from convlens.capture import model_device
 from convlens.errors import ConvlensError, ResourceError
@@ -190,7 +191,7 @@ def _render_batch(
     tgen = torch.Generator().manual_seed(plan.seed)  # the same transforms for every batch
     fwd = _Forward(net, obj)
     elapsed, t0 = 0.0, time.perf_counter()
-    with fwd.hooked(False):
+    with fwd.hooked(False), keep_heap():
         for step in range(plan.steps):
             for group in opt.param_groups:
                 group["lr"] = plan.schedule.rate(step, plan.steps, plan.lr)

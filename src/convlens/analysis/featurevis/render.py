@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convlens._alloc import keep_heap
 from convlens.analysis.featurevis import transforms as T
 from convlens.analysis.featurevis._amp import MixedPrecision
 from convlens.analysis.featurevis.objectives import INPUT, OUTPUT, Objective, parse
@@ -819,6 +820,7 @@ def render(
         else:
             fwd = _Forward(run_net, obj, output)
         stack.enter_context(fwd.hooked(redirect_relu > 0))
+        stack.enter_context(keep_heap())
         bar = tqdm(range(ts[-1]), desc="render", unit="step", disable=_no_bar(progress))
         t0 = time.perf_counter()
         for step in bar:
