@@ -1,4 +1,5 @@
-"""The stem convolution's input gradient as one forward convolution (``_inputgrad``)."""
+"""The stem convolution's input gradient as one forward convolution, and strided depthwise
+convolutions' input gradient in float32 under low precision (``_inputgrad``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from torch import nn
 from convlens.analysis.featurevis._fold import fold_batchnorm, structural_copy
 from convlens.analysis.featurevis._inputgrad import (
     InputGradConv2d,
+    LowPrecisionDepthwise,
     fast_input_grads,
     phase_kernel,
+    same_pads,
 )
 
 
@@ -128,3 +131,115 @@ def test_under_autocast_bfloat16() -> None:
         assert gi.dtype == torch.float32
         out.append(gi)
     torch.testing.assert_close(out[1], out[0], rtol=0.05, atol=0.05 * float(out[0].abs().max()))
+
+
+# --- strided depthwise convolutions: the input gradient in float32 under low precision
+
+
+def _depthwise(kind: str, c: int, k: int, s: int) -> nn.Conv2d:
+    if kind == "same":  # timm's TF-"same" convolution (Lite0's strided depthwise ones)
+        from timm.layers import Conv2dSame
+
+        return Conv2dSame(c, c, k, stride=s, groups=c, bias=True)
+    return nn.Conv2d(c, c, k, stride=s, padding=k // 2, groups=c, bias=True)
+
+
+def _frozen_copy(conv: nn.Conv2d) -> nn.Conv2d:
+    twin = structural_copy(nn.Sequential(conv))
+    assert fast_input_grads(twin) == 1
+    assert isinstance(twin[0], LowPrecisionDepthwise)
+    return twin[0]
+
+
+@pytest.mark.parametrize(
+    ("kind", "kernel", "stride", "size"),
+    [
+        (kind, k, s, n)
+        for kind in ("same", "plain")
+        for k, s in ((3, 2), (5, 2), (3, 3))
+        for n in (13, 16)
+    ],
+)
+def test_strided_depthwise_input_gradient_is_float32_under_bfloat16(
+    kind: str, kernel: int, stride: int, size: int
+) -> None:
+    torch.manual_seed(kernel * 10 + stride + size)
+    conv = _depthwise(kind, 6, kernel, stride)
+    fast = _frozen_copy(conv)
+    x = torch.randn(2, 6, size, size).contiguous(memory_format=torch.channels_last)
+    xi = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(xi)
+        with torch.no_grad():
+            y_ref = conv(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, y_ref)  # the forward is autocast's own convolution, bit for bit
+    g = torch.randn(y.shape).to(torch.bfloat16)
+    (got,) = torch.autograd.grad(y, [xi], g)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    # the exact gradient of the same bfloat16 output gradient, in float64
+    c64 = _depthwise(kind, 6, kernel, stride).double()
+    c64.load_state_dict(conv.state_dict())
+    x64 = x.double().requires_grad_(True)
+    (want,) = torch.autograd.grad(c64(x64), [x64], g.double())
+    # float32 arithmetic: within 1e-5 of the float64 sums (bfloat16's would be ~1e-2 off)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["same", "plain"])
+def test_strided_depthwise_in_float32_is_the_original_module_bit_for_bit(kind: str) -> None:
+    torch.manual_seed(3)
+    conv = _depthwise(kind, 4, 3, 2)
+    fast = _frozen_copy(conv)
+    x = torch.randn(2, 4, 15, 14)
+    g = torch.randn_like(conv(x))
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = conv(a), fast(b)
+    assert torch.equal(ya, yb)
+    (ga,) = torch.autograd.grad(ya, [a], g)
+    (gb,) = torch.autograd.grad(yb, [b], g)
+    assert torch.equal(ga, gb)
+
+
+def test_a_bfloat16_model_gets_a_bfloat16_input_gradient() -> None:
+    torch.manual_seed(4)
+    conv = _depthwise("same", 4, 3, 2).to(torch.bfloat16)
+    fast = _frozen_copy(conv)
+    x = torch.randn(1, 4, 10, 10, dtype=torch.bfloat16, requires_grad=True)
+    y = fast(x)
+    (gx,) = torch.autograd.grad(y.float().sum(), [x])
+    assert gx.dtype == torch.bfloat16
+    c64 = _depthwise("same", 4, 3, 2).double()
+    c64.load_state_dict({k: v.double() for k, v in conv.state_dict().items()})
+    x64 = x.detach().double().requires_grad_(True)
+    (want,) = torch.autograd.grad(c64(x64).sum(), [x64])
+    torch.testing.assert_close(gx.double(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_same_pads_are_timms() -> None:
+    from timm.layers.padding import get_same_padding
+
+    for n, k, s in itertools.product([7, 8, 112, 113], [1, 3, 5], [1, 2, 3]):
+        conv = nn.Conv2d(2, 2, k, stride=s, groups=2)
+        left, right, top, bottom = same_pads((n, n + 1), conv)
+        assert top + bottom == get_same_padding(n, k, s, 1)
+        assert left + right == get_same_padding(n + 1, k, s, 1)
+        assert (top, left) == ((top + bottom) // 2, (left + right) // 2)
+
+
+def test_only_strided_depthwise_frozen_convolutions_are_swapped() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # stride 1: bfloat16's kernel is fast
+        nn.Conv2d(8, 16, 3, stride=2, groups=8),  # grouped, not depthwise
+        nn.Conv2d(16, 16, 3, stride=2, padding="valid", groups=16),  # a string padding
+        nn.Conv2d(16, 16, 3, stride=2, groups=16),  # swapped
+    )
+    copy = structural_copy(net)
+    assert fast_input_grads(copy) == 1
+    assert [type(m).__name__ for m in copy] == [
+        "Conv2d",
+        "Conv2d",
+        "Conv2d",
+        "LowPrecisionDepthwise",
+    ]
+    assert type(net[3]) is nn.Conv2d  # never the user's model

@@ -14,7 +14,17 @@ output channels of one ``conv2d`` over ``g`` (``ceil(k/s)`` taps), and ``pixel_s
 interleaves them back into the input's grid. On the stem above it takes 60 ms instead of
 128; it is exact (the same sums, in a different order).
 
-:func:`fast_input_grads` swaps this in for the small-input convolutions of a copy made by
+A second case is precision, not layout: oneDNN's bfloat16 backward-data kernel for a
+*strided depthwise* convolution is 5-25x slower than its float32 one on a CPU
+(``efficientnet_lite0``'s ``blocks.1.0.conv_dw`` for 8 images at 224 px: 36 ms against
+8 ms; ``blocks.2.0``: 17.5 ms against 1.8 ms), which made a bfloat16 render step slower
+than a float32 one. :class:`LowPrecisionDepthwise` keeps the forward as it is (autocast's
+bfloat16 or float16 convolution) and computes only the input gradient in float32, cast
+back to the input's dtype. It is used only for a CPU convolution running in bfloat16 or
+float16; in float32, and on CUDA, the original module's own forward runs, so float32
+renders keep their pixels bit for bit.
+
+:func:`fast_input_grads` swaps both in for the convolutions of a copy made by
 :func:`~convlens.analysis.featurevis._fold.structural_copy` (never on a user's model).
 """
 
@@ -28,7 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["InputGradConv2d", "fast_input_grads", "phase_kernel"]
+__all__ = [
+    "InputGradConv2d",
+    "LowPrecisionDepthwise",
+    "fast_input_grads",
+    "phase_kernel",
+    "same_pads",
+]
 
 #: convolutions with at most this many input channels get the fast input gradient (the
 #: stem of an RGB, RGBA or grey model; deeper convolutions have fast backward kernels)
@@ -210,9 +226,127 @@ def _eligible(m: nn.Module) -> bool:
     )
 
 
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def same_pads(size: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """timm's ``Conv2dSame`` padding for an input of ``size``, as ``F.pad`` takes it
+    (left, right, top, bottom): TensorFlow's "same", the odd pixel at the end.
+
+    Example:
+        >>> same_pads((112, 112), nn.Conv2d(8, 8, 3, stride=2, groups=8))
+        (0, 1, 0, 1)
+    """
+    pads = []
+    for n, k, s, d in zip(size, conv.kernel_size, conv.stride, conv.dilation):
+        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return left, right, top, bottom
+
+
+class _Float32InputGrad(torch.autograd.Function):
+    """A convolution in autocast's dtype whose input gradient is computed in float32."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        conv: LowPrecisionDepthwise,
+        pads: tuple[int, int, int, int],
+    ) -> torch.Tensor:
+        ctx.conv, ctx.pads = conv, pads
+        ctx.in_shape, ctx.in_dtype = tuple(x.shape), x.dtype
+        ctx.save_for_backward(weight)
+        xp = F.pad(x, pads) if any(pads) else x
+        padding = (0, 0) if any(pads) or conv.same else conv.padding
+        # still under autocast here: the convolution runs in its dtype, as it would have
+        return F.conv2d(xp, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        (weight,) = ctx.saved_tensors
+        conv: LowPrecisionDepthwise = ctx.conv
+        left, right, top, bottom = ctx.pads
+        n, c, h, w = ctx.in_shape
+        padded = (n, c, h + top + bottom, w + left + right)
+        padding = [0, 0] if any(ctx.pads) or conv.same else list(conv.padding)
+        # only the input's size and layout are read for the input gradient
+        shape_of = torch.empty(padded, dtype=torch.float32, device=g.device).contiguous(
+            memory_format=torch.channels_last
+        )
+        gx = torch.ops.aten.convolution_backward(
+            g.float().contiguous(memory_format=torch.channels_last),
+            shape_of,
+            weight.detach().float().contiguous(),
+            None,
+            list(conv.stride),
+            padding,
+            list(conv.dilation),
+            False,
+            [0, 0],
+            conv.groups,
+            [True, False, False],
+        )[0]
+        if any(ctx.pads):
+            gx = gx[:, :, top : top + h, left : left + w]
+        return gx.to(ctx.in_dtype), None, None, None, None
+
+
+class LowPrecisionDepthwise(nn.Conv2d):
+    """A strided depthwise ``nn.Conv2d`` (or timm's ``Conv2dSame``), the same weights and
+    forward, whose input gradient is computed in float32 when it runs in bfloat16 or
+    float16 on a CPU (see the module's docstring). Made only by :func:`fast_input_grads`,
+    in a copy of a model.
+
+    Example:
+        >>> conv = LowPrecisionDepthwise.from_conv(nn.Conv2d(8, 8, 3, stride=2, groups=8))
+    """
+
+    same: bool
+    _original: Any
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> LowPrecisionDepthwise:
+        """The same convolution (its parameters shared, not copied)."""
+        new = cls.__new__(cls)
+        new.__dict__ = dict(conv.__dict__)
+        new._parameters = dict(conv._parameters)
+        new._buffers = dict(conv._buffers)
+        new._modules = dict(conv._modules)
+        new.same = type(conv) is not nn.Conv2d  # timm's Conv2dSame (see _eligible_depthwise)
+        new._original = type(conv).forward
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = x.dtype in _LOW or torch.is_autocast_enabled("cpu")
+        if not (low and x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad):
+            return cast(torch.Tensor, self._original(self, x))
+        pads = same_pads((x.shape[-2], x.shape[-1]), self) if self.same else (0, 0, 0, 0)
+        return cast(torch.Tensor, _Float32InputGrad.apply(x, self.weight, self.bias, self, pads))
+
+
+def _eligible_depthwise(m: nn.Module) -> bool:
+    if not isinstance(m, nn.Conv2d):
+        return False
+    same = type(m).__name__ == "Conv2dSame"
+    return (
+        (type(m) is nn.Conv2d or same)
+        and m.groups > 1
+        and m.groups == m.in_channels == m.out_channels
+        and max(m.stride) > 1
+        and m.padding_mode == "zeros"
+        and (same or not isinstance(m.padding, str))
+        and not m.weight.requires_grad
+    )
+
+
 def fast_input_grads(copy: nn.Module, keep: Collection[str] = ()) -> int:
     """Give every small-input convolution of ``copy`` (a structural copy convlens owns:
-    never a user's model) the fast input gradient; returns how many were swapped.
+    never a user's model) the fast input gradient, and every strided depthwise one the
+    float32 input gradient in low precision; returns how many were swapped.
 
     Example:
         >>> net = structural_copy(nn.Sequential(nn.Conv2d(3, 8, 7, stride=2, padding=3)))
@@ -221,12 +355,16 @@ def fast_input_grads(copy: nn.Module, keep: Collection[str] = ()) -> int:
     """
     swapped = 0
     for name, m in list(copy.named_modules()):
-        if name in keep or not _eligible(m):
+        if name in keep or not name:  # the copy itself is one module: nothing to swap into
+            continue
+        if _eligible(m):
+            new: nn.Module = InputGradConv2d.from_conv(cast(nn.Conv2d, m))
+        elif _eligible_depthwise(m):
+            new = LowPrecisionDepthwise.from_conv(cast(nn.Conv2d, m))
+        else:
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = copy.get_submodule(parent_name) if parent_name else copy
-        if not name:  # the copy itself is one convolution: nothing to swap it into
-            continue
-        setattr(parent, leaf, InputGradConv2d.from_conv(cast(nn.Conv2d, m)))
+        setattr(parent, leaf, new)
         swapped += 1
     return swapped
