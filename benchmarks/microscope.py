@@ -164,10 +164,30 @@ def _part_renders(args: argparse.Namespace, dev: Any) -> dict[str, Any]:
     thresholds = tuple(int(s) for s in args.lucent_steps.split(","))
     budgets = [int(b) for b in args.budgets.split(",")]
     print(f"renders: {len(chans)} channels of {LAYER}, {args.size} px, batch {args.batch}")
-    old = _convlens_renders(bundle, chans, args.size, max(thresholds), args.every, args.batch, dev)
+    from convlens import _alloc
+
+    # "old": the renders as they ran before issue 20 (float32, Lucid's constant schedule,
+    # every large buffer a fresh mmap); keep_heap changes no pixel, only the time
+    _alloc.ENABLED = False
+    try:
+        old = _convlens_renders(
+            bundle, chans, args.size, max(thresholds), args.every, args.batch, dev
+        )
+    finally:
+        _alloc.ENABLED = True
     for s, m, t in old["points"]:
         if s in thresholds:
             print(f"  convlens old {s:>4} steps: {t:7.1f} s, mean objective {m:.3f}")
+    if not args.skip_float32_today:
+        # float32 and the constant schedule with today's allocator: the same pixels as "old"
+        f32 = _convlens_renders(
+            bundle, chans, args.size, max(thresholds), max(thresholds), args.batch, dev
+        )
+        print(
+            f"  convlens float32 constant, heap kept, {max(thresholds)} steps: "
+            f"{f32['points'][-1][2]:7.1f} s, mean {f32['points'][-1][1]:.3f} "
+            f"(same pixels as old: {f32['final'] == old['final']})"
+        )
     new_runs = {}
     for b in budgets:
         run = _convlens_renders(
@@ -181,7 +201,16 @@ def _part_renders(args: argparse.Namespace, dev: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "convlens": old,
         "convlens_new": {"budgets": {str(b): r for b, r in new_runs.items()}, "points": new_points},
+        "seconds_per_step": {
+            "old": round(old["points"][-1][2] / old["points"][-1][0], 4),
+            **{str(b): round(r["points"][-1][2] / b, 4) for b, r in new_runs.items()},
+        },
     }
+    if not args.skip_float32_today:
+        doc["convlens_float32_today"] = f32
+        doc["seconds_per_step"]["float32_today"] = round(
+            f32["points"][-1][2] / f32["points"][-1][0], 4
+        )
     old_final = old["points"][-1]
     got = _reach(old_final[1], new_points)
     own = {
@@ -195,12 +224,13 @@ def _part_renders(args: argparse.Namespace, dev: Any) -> dict[str, Any]:
         )
     doc["own"] = own
     print(f"  new vs old {old_final[0]}-step float32 objective: {own}")
-    if args.default_steps in new_runs:  # per channel: the new default against the old one
-        a = torch.tensor(new_runs[args.default_steps]["final"])
+    by_budget = {}
+    for steps_, run_ in sorted(new_runs.items()):  # per channel: each budget against old
+        a = torch.tensor(run_["final"])
         b_ = torch.tensor(old["final"])
         ratio = a / b_
-        doc["per_channel"] = {
-            "new_steps": args.default_steps,
+        by_budget[str(steps_)] = {
+            "new_steps": steps_,
             "old_steps": old_final[0],
             "ratio_quantiles": {
                 q: round(float(ratio.quantile(q)), 3) for q in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -208,7 +238,10 @@ def _part_renders(args: argparse.Namespace, dev: Any) -> dict[str, Any]:
             "channels_at_least_old": int((a >= b_).sum()),
             "channels": len(chans),
         }
-        print(f"  per channel, new {args.default_steps} / old: {doc['per_channel']}")
+        print(f"  per channel, new {steps_} / old: {by_budget[str(steps_)]}")
+    doc["per_channel_by_budget"] = by_budget
+    if str(args.default_steps) in by_budget:
+        doc["per_channel"] = by_budget[str(args.default_steps)]
     if args.skip_lucent:
         return doc
     theirs = _lucent_renders(bundle, chans, args.size, thresholds, args.batch, dev)
@@ -498,10 +531,19 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8, help="channels per render batch")
     ap.add_argument("--lucent-steps", default="64,256")
-    ap.add_argument("--budgets", default="32,48,64,96,128", help="convlens's new step budgets")
+    ap.add_argument(
+        "--budgets",
+        default="16,24,32,48,64,96,104,112,120,128,160",
+        help="convlens's new step budgets",
+    )
+    ap.add_argument(
+        "--skip-float32-today",
+        action="store_true",
+        help="skip the float32 constant-schedule run with the heap kept",
+    )
     ap.add_argument("--precision", default="auto", help="convlens's new precision")
     ap.add_argument("--schedule", default="cosine", help="convlens's new schedule")
-    ap.add_argument("--default-steps", type=int, default=96, help="the microscope's default")
+    ap.add_argument("--default-steps", type=int, default=160, help="the microscope's default")
     ap.add_argument("--every", type=int, default=2, help="convlens measures every N steps")
     ap.add_argument("--skip-lucent", action="store_true")
     ap.add_argument("--skip-renders", action="store_true")

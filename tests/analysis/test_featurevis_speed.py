@@ -229,3 +229,48 @@ def test_compiled_step_with_inductor_matches_eager():
     eager = render(golden_net(), "3:0-2", **kw)
     comp = render(golden_net(), "3:0-2", compile=True, **kw)
     torch.testing.assert_close(comp.images, eager.images, atol=1e-4, rtol=0)
+
+
+def _depthwise_net() -> nn.Module:
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(2)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        Conv2dSame(8, 8, 3, stride=2, groups=8, bias=False),  # Lite0's strided depthwise
+        nn.BatchNorm2d(8),
+    )
+    with torch.no_grad():
+        for bn in (m[1], m[4]):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def test_strided_depthwise_gradients_are_float32_in_bfloat16_renders_only(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from convlens.analysis.featurevis import _inputgrad
+
+    calls: list[torch.dtype] = []
+    real = _inputgrad._Float32InputGrad.backward
+
+    def spy(ctx: object, g: torch.Tensor) -> object:
+        calls.append(g.dtype)
+        return real(ctx, g)
+
+    monkeypatch.setattr(_inputgrad._Float32InputGrad, "backward", staticmethod(spy))
+    kw = dict(size=32, steps=24, progress=False, thresholds=(1, 24), seed=3)
+    a = render(_depthwise_net(), "4:0-3", precision="bfloat16", **kw)
+    assert calls and set(calls) == {torch.bfloat16}  # every step, on the bfloat16 gradient
+    b = render(_depthwise_net(), "4:0-3", precision="bfloat16", **kw)
+    assert torch.equal(a.images, b.images)  # the seed contract holds
+    assert bool((a.values[-1] > a.values[0]).all())
+    calls.clear()
+    f32 = render(_depthwise_net(), "4:0-3", precision="float32", **kw)
+    assert calls == []  # float32 runs timm's own module
+    assert bool((f32.values[-1] > f32.values[0]).all())
+    # the same optimisation, to bfloat16's rounding (a wrong gradient would wander off)
+    torch.testing.assert_close(a.values[-1], f32.values[-1], rtol=0.05, atol=0.01)

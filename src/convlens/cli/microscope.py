@@ -44,10 +44,10 @@ QUICK = {"channels": "0-15", "steps": 32, "k": 6, "diversity": 2}
 @click.option(
     "--steps",
     type=click.IntRange(min=1),
-    default=128,
+    default=160,
     show_default=True,
-    help="Render steps (128 with the cosine schedule pass what Lucid's constant 0.05 "
-    "reaches in 256).",
+    help="Render steps (with the cosine schedule, 160 pass what Lucid's constant 0.05 "
+    "reaches in 256 on 30 of 32 channels measured).",
 )
 @click.option(
     "--size", type=click.IntRange(min=8), default=128, show_default=True, help="Render size, px."

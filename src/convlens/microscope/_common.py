@@ -196,7 +196,7 @@ class Settings:
     layers: list[str]
     channels: Any = None
     k: int = 9
-    steps: int = 128
+    steps: int = 160
     size: int = 128
     diversity: int = 4
     diversity_weight: float = 5.0

@@ -4,7 +4,7 @@ microscope's unit pages, and the layer's pages linked to it.
 
 Inputs: the model, the data and its preprocessing, ``ctx.dirs`` and ``ctx.units`` (the
 dataset pass), the render settings ``seed`` and ``precision`` (the icons keep the atlas's
-own steps and schedule, 512 of Lucid's constant 0.05: the microscope's 128 cosine steps
+own steps and schedule, 512 of Lucid's constant 0.05: the microscope's 160 cosine steps
 leave the direction objective well short).
 Outputs: per layer ``<layer>/atlas/`` (``index.html``, ``atlas.json``, icons, cells, crops,
 the samples and layout in its ``cache/``); in the context: ``atlas`` (layer key -> the
