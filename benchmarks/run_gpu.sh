@@ -21,6 +21,8 @@ timeout 120 python3 benchmarks/capture.py --device cpu --rounds 10 --out "$out" 
 CONVLENS_HOME=/tmp/clhome timeout 240 python3 -m convlens train --data shapes --epochs 5 \
   --out /tmp/train-cuda --device cuda --quiet 2>&1 | tail -4 | tee "$out/train-cuda.log"
 cp /tmp/train-cuda/metrics.json "$out/train-cuda-metrics.json" 2>/dev/null || true
+# one render step, bfloat16 and float32 (on CUDA the depthwise swap and keep_heap do nothing)
+timeout 120 python3 benchmarks/render_step.py --device cuda --out "$out" 2>&1 | tee "$out/bench-render-step-cuda.log"
 # the microscope: the full blocks.4 microscope on CUDA, and under torchrun --nproc-per-node 1
 # (the Imagenette val JPEGs come from ../shared/data when the machine has it)
 timeout 420 python3 benchmarks/microscope.py --device cuda --skip-lucent --skip-renders \
