@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,20 @@ def _input_grad(
     return y[:, :, :H, :W]
 
 
+_C = TypeVar("_C", bound=nn.Conv2d)
+
+
+def _twin(cls: type[_C], conv: nn.Conv2d) -> _C:
+    """A ``cls`` instance that is ``conv``: its own attribute tables over the same
+    parameters, buffers and submodules (nothing copied)."""
+    new = cls.__new__(cls)
+    new.__dict__ = dict(conv.__dict__)
+    new._parameters = dict(conv._parameters)
+    new._buffers = dict(conv._buffers)
+    new._modules = dict(conv._modules)
+    return new
+
+
 class _PhaseConv(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -182,11 +196,7 @@ class InputGradConv2d(nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> InputGradConv2d:
         """The same convolution (its parameters shared, not copied)."""
-        new = cls.__new__(cls)
-        new.__dict__ = dict(conv.__dict__)
-        new._parameters = dict(conv._parameters)
-        new._buffers = dict(conv._buffers)
-        new._modules = dict(conv._modules)
+        new = _twin(cls, conv)
         new.pad2 = cast_pad(conv.padding)
         new._phase_cache = None
         return new
@@ -311,11 +321,7 @@ class LowPrecisionDepthwise(nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> LowPrecisionDepthwise:
         """The same convolution (its parameters shared, not copied)."""
-        new = cls.__new__(cls)
-        new.__dict__ = dict(conv.__dict__)
-        new._parameters = dict(conv._parameters)
-        new._buffers = dict(conv._buffers)
-        new._modules = dict(conv._modules)
+        new = _twin(cls, conv)
         new.same = type(conv) is not nn.Conv2d  # timm's Conv2dSame (see _eligible_depthwise)
         new._original = type(conv).forward
         return new
