@@ -78,32 +78,10 @@ def test_nested_blocks_restore_on_the_last_exit_only() -> None:
     assert not heap_kept()
 
 
-@glibc
-@pytest.mark.parametrize(
-    "env", [("CONVLENS_KEEP_HEAP", "0"), ("MALLOC_MMAP_MAX_", "65536"), ("GLIBC_TUNABLES", "x")]
-)
-def test_the_users_choice_stands(monkeypatch: pytest.MonkeyPatch, env: tuple[str, str]) -> None:
-    monkeypatch.setenv(*env)
-    calls: list[tuple[int, int]] = []
-
-    class Fake:
-        def mallopt(self, p: int, v: int) -> int:
-            calls.append((p, v))
-            return 1
-
-    monkeypatch.setattr(_alloc, "_libc", Fake())
-    with keep_heap():
-        assert not heap_kept()
-    assert calls == []
-
-
-def test_off_glibc_it_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_alloc, "_libc", False)
-    with keep_heap():
-        assert not heap_kept()
-
-
-def test_restored_even_when_the_block_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def fake_glibc(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """A stand-in C library recording ``mallopt(p, v)`` and ``malloc_trim(pad)`` as
+    ``(0, pad)``, with none of the variables that turn ``keep_heap`` off set."""
     calls: list[tuple[int, int]] = []
 
     class Fake:
@@ -118,27 +96,36 @@ def test_restored_even_when_the_block_raises(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(_alloc, "_libc", Fake())
     for k in (*_alloc._USER_TUNING, "CONVLENS_KEEP_HEAP"):
         monkeypatch.delenv(k, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "env", [("CONVLENS_KEEP_HEAP", "0"), ("MALLOC_MMAP_MAX_", "65536"), ("GLIBC_TUNABLES", "x")]
+)
+def test_the_users_choice_stands(
+    monkeypatch: pytest.MonkeyPatch, fake_glibc: list[tuple[int, int]], env: tuple[str, str]
+) -> None:
+    monkeypatch.setenv(*env)
+    with keep_heap():
+        assert not heap_kept()
+    assert fake_glibc == []
+
+
+def test_off_glibc_it_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_alloc, "_libc", False)
+    with keep_heap():
+        assert not heap_kept()
+
+
+def test_restored_even_when_the_block_raises(fake_glibc: list[tuple[int, int]]) -> None:
     with pytest.raises(KeyError), keep_heap():
         raise KeyError("x")
     assert not heap_kept()
     # in: no mmap, no trim; out: glibc's defaults (trim 128 KiB, 65536 maps), then a trim
-    assert calls == [(-4, 0), (-1, 2**31 - 1), (-1, 128 * 1024), (-4, 65536), (0, 0)]
+    assert fake_glibc == [(-4, 0), (-1, 2**31 - 1), (-1, 128 * 1024), (-4, 65536), (0, 0)]
 
 
-def test_threads_share_one_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[int, int]] = []
-
-    class Fake:
-        def mallopt(self, p: int, v: int) -> int:
-            calls.append((p, v))
-            return 1
-
-        def malloc_trim(self, pad: int) -> int:
-            return 1
-
-    monkeypatch.setattr(_alloc, "_libc", Fake())
-    for k in (*_alloc._USER_TUNING, "CONVLENS_KEEP_HEAP"):
-        monkeypatch.delenv(k, raising=False)
+def test_threads_share_one_setting(fake_glibc: list[tuple[int, int]]) -> None:
     inside, release = threading.Event(), threading.Event()
 
     def other() -> None:
@@ -155,7 +142,7 @@ def test_threads_share_one_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     release.set()
     t.join(10)
     assert not heap_kept()
-    assert calls.count((-4, 0)) == 1 and calls.count((-4, 65536)) == 1
+    assert fake_glibc.count((-4, 0)) == 1 and fake_glibc.count((-4, 65536)) == 1
 
 
 def test_renders_run_inside_it(monkeypatch: pytest.MonkeyPatch) -> None:
