@@ -37,8 +37,14 @@ def golden_net() -> nn.Module:
         nn.BatchNorm2d(6),
         nn.ReLU(),
     )
+    return _with_statistics(m, m[1], m[4])
+
+
+def _with_statistics(m: nn.Module, *bns: nn.BatchNorm2d) -> nn.Module:
+    """``m`` in eval mode, its BatchNorms given drawn running statistics (so they fold into
+    something other than the identity)."""
     with torch.no_grad():
-        for bn in (m[1], m[4]):
+        for bn in bns:
             bn.running_mean.uniform_(-0.2, 0.2)
             bn.running_var.uniform_(0.5, 1.5)
     return m.eval()
@@ -242,11 +248,7 @@ def _depthwise_net() -> nn.Module:
         Conv2dSame(8, 8, 3, stride=2, groups=8, bias=False),  # Lite0's strided depthwise
         nn.BatchNorm2d(8),
     )
-    with torch.no_grad():
-        for bn in (m[1], m[4]):
-            bn.running_mean.uniform_(-0.2, 0.2)
-            bn.running_var.uniform_(0.5, 1.5)
-    return m.eval()
+    return _with_statistics(m, m[1], m[4])
 
 
 def test_strided_depthwise_gradients_are_float32_in_bfloat16_renders_only(
