@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -35,8 +37,10 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         got = distributed.all_gather_tensors(torch.tensor(mine))
         assert sorted(int(v) for t in got for v in t) == list(range(N_IMAGES))
         assert [len(t) for t in got] == [len(range(r, N_IMAGES, world)) for r in range(world)]
-        objs = distributed.all_gather_objects({"rank": rank})
-        assert objs == [{"rank": r} for r in range(world)]
+        objs = distributed.all_gather_objects({"rank": rank, "files": ["f"] * (rank + 3)})
+        assert objs == [{"rank": r, "files": ["f"] * (r + 3)} for r in range(world)]
+        tensors = distributed.all_gather_objects(torch.arange(rank + 2))
+        assert [v.tolist() for v in tensors] == [list(range(r + 2)) for r in range(world)]
 
         r = dataset_examples(
             tiny_model(),
@@ -120,3 +124,37 @@ def test_shard_and_merges_in_one_process() -> None:
     # The union {0, 2, 4}: mean 2, sum of squared deviations 8.
     assert (n.item(), m.item(), m2.item()) == (3.0, 2.0, 8.0)
     json.dumps(to_jsonable({"n": n}))
+
+
+def _held_by_autograd(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Something outside Python holding ``x``: the graph of ``x * w`` saves ``x``."""
+    return {"y": x * torch.ones(x.shape, requires_grad=True)}
+
+
+def test_released_waits_for_another_thread_to_drop_the_tensors() -> None:
+    x = torch.randn(4)
+    let_go = threading.Event()
+    holder: dict[str, torch.Tensor] = {}
+
+    def drop_later() -> None:
+        time.sleep(0.3)
+        let_go.set()
+        holder.clear()  # frees the graph, and with it the C++ reference to x
+
+    thread = threading.Thread(target=drop_later)
+    with distributed.released([x]):
+        holder.update(_held_by_autograd(x))  # as a collective's work holds its tensors
+        assert x._use_count() == 2
+        thread.start()
+    assert let_go.is_set() and x._use_count() == 1
+    thread.join()
+
+
+def test_released_gives_up_after_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(distributed, "RELEASE_TIMEOUT_S", 0.2)
+    x = torch.randn(4)
+    t0 = time.monotonic()
+    with distributed.released([x]):
+        held = _held_by_autograd(x)  # never dropped inside the block
+    assert 0.2 <= time.monotonic() - t0 < 5 and x._use_count() == 2
+    del held

@@ -5,7 +5,7 @@ machine or many): each rank takes the shard ``range(rank, N, world)`` of the dat
 ``DistributedSampler`` padding, which counts images twice), computes its own state with
 no collective call inside the loop, and the states are merged once after it. State
 tensors have the same shape on every rank, so one ``all_gather`` per tensor merges them
-(gloo on CPU, nccl on CUDA); variable-length metadata goes through ``all_gather_object``.
+(gloo on CPU, nccl on CUDA); variable-length metadata is pickled and gathered the same way.
 
 The merges themselves are pure functions of the per-rank states (:func:`merge_topk`,
 :func:`merge_moments`), so a merge is exactly the same computation in one process.
@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import pickle
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +43,7 @@ __all__ = [
     "main_first",
     "merge_moments",
     "merge_topk",
+    "released",
     "round_store",
     "shard",
 ]
@@ -235,15 +238,18 @@ def all_gather_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     local = t.detach().to(dev)
     shape = torch.tensor(list(local.shape), dtype=torch.long, device=dev)
     shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
+    with released([shape, *shapes]):
+        dist.all_gather(shapes, shape)
     sizes = [tuple(int(v) for v in s.tolist()) for s in shapes]
     biggest = tuple(max(dims) for dims in zip(*sizes)) if local.ndim else ()
     if tuple(local.shape) != biggest:
         padded = torch.zeros(biggest, dtype=local.dtype, device=dev)
         padded[tuple(slice(0, d) for d in local.shape)] = local
         local = padded
+    local = local.contiguous()
     out = [torch.empty(biggest, dtype=local.dtype, device=dev) for _ in range(world)]
-    dist.all_gather(out, local.contiguous())
+    with released([local, *out]):
+        dist.all_gather(out, local)
     return [o[tuple(slice(0, d) for d in size)].to(t.device) for o, size in zip(out, sizes)]
 
 
@@ -251,15 +257,54 @@ def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's picklable ``obj``, in rank order: for small metadata only (lists of
     skipped files, timings); state tensors go through :func:`all_gather_tensors`.
 
+    The pickled bytes travel through :func:`all_gather_tensors` (what
+    ``dist.all_gather_object`` does, with the tensors held until the backend lets go).
+
     Example:
         >>> all_gather_objects({"skipped": []})
         [{'skipped': []}]
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return [pickle.loads(p.cpu().numpy().tobytes()) for p in all_gather_tensors(payload)]
+
+
+#: How long :func:`released` waits for a backend's threads to drop a collective's tensors.
+RELEASE_TIMEOUT_S = 10.0
+
+
+@contextlib.contextmanager
+def released(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Hold Python's references to a collective's ``tensors`` until the backend's worker
+    threads have dropped theirs.
+
+    A gloo (or nccl) worker thread releases a finished collective's tensors a moment
+    after ``wait()`` returns. If Python dropped its own references first, that release
+    needs the GIL; when it comes after the interpreter began to exit (a rank that
+    gathers, writes and returns), Python ends the thread inside a C++ destructor and the
+    process dies of ``terminate called without an active exception`` (SIGABRT), its
+    results already written. Waiting here, with the GIL free, until each tensor's C++
+    use count is back to what it was before the collective closes that window; it costs
+    nothing when the thread is done already, and gives up after
+    :data:`RELEASE_TIMEOUT_S`.
+
+    Example:
+        >>> with released([shape, *shapes]):
+        ...     dist.all_gather(shapes, shape)
+    """
+    held = list(tensors)
+    count = getattr(torch.Tensor, "_use_count", None)
+    before = [count(t) for t in held] if count is not None else []
+    yield
+    if count is None:
+        return
+    deadline = time.monotonic() + RELEASE_TIMEOUT_S
+    pause = 1e-4
+    while any(count(t) > b for t, b in zip(held, before)) and time.monotonic() < deadline:
+        time.sleep(pause)  # frees the GIL for the thread that still holds them
+        pause = min(2 * pause, 0.01)
 
 
 def barrier() -> None:
