@@ -325,6 +325,44 @@ def test_icons_raise_their_objective(built: Path) -> None:
     assert cells and all(c["objective"] > c["objective_start"] for c in cells)
 
 
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+
+
+def test_icons_of_a_model_in_train_mode_are_its_eval_modes_and_leave_it_untouched(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("umap")
+    kw = dict(samples_per_image=2, grid=4, min_count=2, size=16, steps=8, progress=False)
+    trained, evaluated = _bn_net().train(), _bn_net().eval()
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    atlas(trained, tiny_data(n=40), "3", out=tmp_path / "train", device="cpu", **kw)
+    atlas(evaluated, tiny_data(n=40), "3", out=tmp_path / "eval", device="cpu", **kw)
+    # no batch statistics: the BatchNorms' running statistics and counters are as they were
+    after = trained.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert trained.training and not evaluated.training
+    assert all(p.grad is None and p.requires_grad for p in trained.parameters())
+    icons = sorted((tmp_path / "train").rglob("icons/**/*.png"))
+    assert icons
+    for p in icons:
+        assert (
+            p.read_bytes() == (tmp_path / "eval" / p.relative_to(tmp_path / "train")).read_bytes()
+        )
+
+
 def test_a_rerun_renders_and_samples_nothing_new(
     built: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

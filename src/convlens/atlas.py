@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -69,7 +70,7 @@ from convlens.microscope._common import _key, _png_problem, _read, _save_png
 __all__ = ["atlas"]
 
 FORMAT = 1
-_ICON_VERSION = 1
+_ICON_VERSION = 2  # 2: rendered in eval mode, through the folded copy
 _CROPS_PER_CELL = 8
 _CROP_SIDE = 96
 _CLASS_SAMPLES = 2000  # Lucid's class atlases: the top 2,000-3,000 by class attribution
@@ -91,18 +92,6 @@ def _icon_rows(n: int) -> int:
     if n <= 0:
         return ICON_BATCH
     return math.ceil(n / math.ceil(n / ICON_BATCH))
-
-
-def _icon_precision(precision: str, dev: torch.device) -> str:
-    """``"auto"`` on a CPU is float32 for the icons: at their 80 px, bfloat16 autocast
-    measured 1.5x slower per step than float32 on a CPU with AMX (benchmarks/README.md,
-    "atlas.py"); elsewhere ``"auto"`` is :func:`convlens.render`'s choice.
-
-    Example:
-        >>> _icon_precision("auto", torch.device("cpu"))
-        'float32'
-    """
-    return "float32" if precision == "auto" and dev.type == "cpu" else precision
 
 
 @dataclass
@@ -141,6 +130,30 @@ class _DirectionRows:
 
     def __call__(self, acts: Callable[[str], torch.Tensor]) -> torch.Tensor:
         return self.measured(acts(self.layer))
+
+
+def _icon_net(
+    stack: contextlib.ExitStack, net: nn.Module, layer: str, plan: Any, dev: torch.device
+) -> nn.Module:
+    """The model the icons are rendered through, as the microscope's renders: ``net`` in
+    eval mode with its parameters frozen (both restored when ``stack`` closes, so a
+    model in train mode neither renders with batch statistics nor has its running
+    statistics and gradients changed), and a private copy with its BatchNorms folded,
+    channels-last, when that copy gives the same activations at ``layer``."""
+    from convlens.analysis.featurevis.objectives import channel as channel_obj
+    from convlens.analysis.featurevis.render import _fold_checked
+    from convlens.models.forms import dtype_support, is_scripted
+    from convlens.models.layers import evaluating, frozen
+
+    stack.enter_context(dtype_support(plan.pipe.dtype, dev))
+    stack.enter_context(evaluating(net))
+    stack.enter_context(frozen(net))
+    if is_scripted(net):
+        return net
+    g = torch.Generator().manual_seed(0)
+    probe = torch.rand(1, plan.channels, plan.size, plan.size, generator=g)
+    run_net, _ = _fold_checked(net, channel_obj(layer, 0), plan.pipe(probe).to(dev), True)
+    return run_net
 
 
 def _render_icons(
@@ -319,7 +332,7 @@ def atlas(
     ``grid``); a cell needs ``min_count`` samples; icons of ``size`` px after ``steps``
     optimisation steps (``precision``, ``schedule``, ``lr`` as in :func:`convlens.render`,
     but ``schedule`` defaults to Lucid's constant 0.05: for the direction objective it
-    beat the cosine schedule at 512 steps, and ``"auto"`` precision is float32 on a CPU);
+    beat the cosine schedule at 512 steps);
     ``whiten``: render the mean times the inverse covariance (Lucid's whitening);
     ``classes``: class atlases (``"all"``, or names/indices of the model's classes).
     ``unit_pages(channel)`` gives the href (relative to ``out``) of a channel's page, to
@@ -467,7 +480,7 @@ def atlas(
             seed,
             0,
             0.0,
-            _icon_precision(precision, dev),
+            precision,
             schedule,
             dev,
         )
@@ -504,11 +517,13 @@ def atlas(
         from convlens import _signals
 
         try:
-            with _signals.deferred():
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(_signals.deferred())
+                run_net = _icon_net(stack, net, samples.layer, plan, dev) if todo else net
                 for s in range(0, len(todo), rows):
                     chunk = todo[s : s + rows]
                     imgs, start, final = _render_icons(
-                        net, samples.layer, [j for j, _ in chunk], plan, seed, dev, rows
+                        run_net, samples.layer, [j for j, _ in chunk], plan, seed, dev, rows
                     )
                     for (j, key), img, v0, v1 in zip(chunk, imgs, start, final):
                         (out / j.stem).parent.mkdir(parents=True, exist_ok=True)

@@ -107,8 +107,7 @@ def _levels(value: str | None) -> list[int] | None:
 @_render_options_for(
     "constant",
     "The atlas's icons default to constant: on Lite0 blocks.5 cells cosine reached "
-    "0.78 of its direction objective at 512 steps (benchmarks/README.md, atlas.py); "
-    "auto precision is float32 on a CPU, where bfloat16 was slower at 80 px.",
+    "0.78 of its direction objective at 512 steps (benchmarks/README.md, atlas.py).",
 )
 @_out_option(Path("atlas"), "The atlas: index.html, atlas.json, icons/, cells/, crops/.")
 @click.option("--force", is_flag=True, help="Recompute what an earlier run left in --out.")
