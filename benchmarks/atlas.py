@@ -15,11 +15,12 @@ Three measurements, in one run:
    vectors), then :func:`convlens.analysis.atlas.layout` on them.
 3. **Icon steps**: the first ``--cells`` (32) cells of the atlas's 20 x 20 level rendered
    again, one batch, with Lucid's constant 0.05 at 512 (the atlas's default) and 256
-   steps and with convlens's cosine schedule at 256 and 512 steps: each cell's final direction objective, and the
-   median ratio to Lucid's.
+   steps and with convlens's cosine schedule at 256 and 512 steps, all in float32, and
+   the default in bfloat16 (``--runs`` picks): each cell's final direction objective,
+   the seconds, and the ratios to the first run's objective.
 
     python benchmarks/atlas.py [--device auto|cpu|cuda] [--grid 20] [--steps 512]
-        [--skip-atlas] [--skip-umap] [--skip-steps] [--cells 32]
+        [--skip-atlas] [--skip-umap] [--skip-steps] [--cells 32] [--runs ...]
 
 Results: ``results/atlas.json`` (a part skipped keeps its figures from the last run that
 made them). Without the Imagenette archive the script says so and stops.
@@ -28,6 +29,7 @@ made them). Without the Imagenette archive the script says so and stops.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -131,9 +133,10 @@ def _steps(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     jobs = [M._Job("main", c, d.float()) for c, d in zip(cells, dirs)]
     bundle = convlens.load_model("efficientnet_lite0", device=args.device)
     dev = torch.device(args.device)
-    runs = [("constant", 512), ("constant", 256), ("cosine", 256), ("cosine", 512)]
     got: dict[str, Any] = {}
-    for sched, steps in runs:
+    for name in args.runs.split(","):
+        sched, steps_s, precision = [*name.split("-"), "float32"][:3]
+        steps = int(steps_s)
         plan = _plan(
             bundle.model,
             bundle,
@@ -143,20 +146,22 @@ def _steps(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             0,
             0,
             0.0,
-            M._icon_precision("auto", dev),
+            precision,
             sched,
             dev,
         )
         normalize, _ = _normalizer("auto", bundle, plan.channels)
         plan.pipe = _Pipeline(normalize, None, True, plan.dtype)
-        t0 = time.perf_counter()
-        _, _, final = M._render_icons(bundle.model, LAYER, jobs, plan, 0, dev, len(jobs))
-        got[f"{sched}-{steps}"] = {
+        with contextlib.ExitStack() as stack:  # the model as the atlas renders through it
+            net = M._icon_net(stack, bundle.model, LAYER, plan, dev)
+            t0 = time.perf_counter()
+            _, _, final = M._render_icons(net, LAYER, jobs, plan, 0, dev, len(jobs))
+        got[name] = {
             "seconds": round(time.perf_counter() - t0, 1),
             "objective": [round(float(v), 5) for v in final],
         }
-        print(f"  {sched} {steps} steps: {got[f'{sched}-{steps}']['seconds']} s", flush=True)
-    base = torch.tensor(got["constant-512"]["objective"])
+        print(f"  {name}: {got[name]['seconds']} s", flush=True)
+    base = torch.tensor(got[args.runs.split(",")[0]]["objective"])
     for r in got.values():
         ratio = torch.tensor(r["objective"]) / base
         r["ratio_median"] = round(float(ratio.median()), 3)
@@ -171,6 +176,12 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=20)
     ap.add_argument("--steps", type=int, default=512)
     ap.add_argument("--cells", type=int, default=32)
+    ap.add_argument(
+        "--runs",
+        default="constant-512,constant-256,cosine-256,cosine-512,constant-512-bfloat16",
+        help="icon runs of part 3, SCHEDULE-STEPS[-PRECISION] (float32 unless named); the "
+        "first is the baseline of the ratios",
+    )
     ap.add_argument("--umap-per-image", type=int, default=25)
     ap.add_argument("--images", type=int, default=0, help="a subset (a dry run); 0: all")
     ap.add_argument("--skip-atlas", action="store_true")
@@ -216,7 +227,10 @@ def main() -> None:
         _write(doc, args)
     if not args.skip_steps:
         print("steps ...", flush=True)
+        old = doc.get("steps", {}).get("runs", {})
         doc["steps"] = _steps(args, out)
+        # runs not named this time keep the last run's figures (float32 repeats exactly)
+        doc["steps"]["runs"] = {**old, **doc["steps"]["runs"]}
         print(
             json.dumps(
                 {
