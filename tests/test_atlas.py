@@ -289,6 +289,11 @@ def test_atlas_writes_json_icons_and_pages(built: Path) -> None:
     assert [lv["grid"] for lv in doc["levels"]] == [2, 4]
     assert {lv["page"] for lv in doc["levels"]} == {"index.html", "level-2.html"}
     assert set(doc["timing"]) >= {"pass", "layout", "icons", "pages"}
+    # "auto" precision is the render engine's choice for this CPU, icons included
+    from convlens.analysis.featurevis._amp import MixedPrecision
+
+    auto = MixedPrecision("auto", torch.device("cpu"), torch.float32).name
+    assert doc["settings"]["precision"] == auto
     assert doc["class_atlases"], "every predicted class with positive attribution"
     s = AtlasSamples.load(built / doc["samples"]["file"])
     for lv in doc["levels"]:
