@@ -55,6 +55,18 @@ def _no_job_left_running() -> Iterator[None]:
     kill_leftovers()
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_delivered() -> Iterator[None]:
+    """Ctrl-C as a terminal delivers it, even when pytest itself was started with SIGINT
+    ignored (``python -m pytest &`` from a script): convlens rightly leaves an ignored
+    signal ignored, and the commands these tests start would inherit it."""
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _resume_line(stderr: str, signame: str) -> list[str]:
     """The one stderr line of a stopped process, parsed: the command that resumes."""
     lines = [line for line in stderr.splitlines() if line.startswith("convlens: ")]
