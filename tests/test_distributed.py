@@ -131,7 +131,10 @@ def _held_by_autograd(x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"y": x * torch.ones(x.shape, requires_grad=True)}
 
 
-def test_released_waits_for_another_thread_to_drop_the_tensors() -> None:
+def test_released_waits_for_another_thread_to_drop_the_tensors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(distributed, "_release_gave_up", False)
     x = torch.randn(4)
     let_go = threading.Event()
     holder: dict[str, torch.Tensor] = {}
@@ -150,11 +153,19 @@ def test_released_waits_for_another_thread_to_drop_the_tensors() -> None:
     thread.join()
 
 
-def test_released_gives_up_after_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_released_gives_up_after_its_timeout_and_then_waits_no_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(distributed, "RELEASE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(distributed, "_release_gave_up", False)
     x = torch.randn(4)
     t0 = time.monotonic()
     with distributed.released([x]):
         held = _held_by_autograd(x)  # never dropped inside the block
     assert 0.2 <= time.monotonic() - t0 < 5 and x._use_count() == 2
-    del held
+    monkeypatch.setattr(distributed, "RELEASE_TIMEOUT_S", 60.0)
+    t0 = time.monotonic()
+    with distributed.released([x]):
+        again = _held_by_autograd(x)
+    assert time.monotonic() - t0 < 5  # not another wait
+    del held, again

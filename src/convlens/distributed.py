@@ -272,7 +272,10 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 #: How long :func:`released` waits for a backend's threads to drop a collective's tensors.
+#: After one such wait runs out, it waits no more in this process (a backend that keeps
+#: them longer would otherwise cost this at every collective).
 RELEASE_TIMEOUT_S = 10.0
+_release_gave_up = False
 
 
 @contextlib.contextmanager
@@ -288,21 +291,25 @@ def released(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
     results already written. Waiting here, with the GIL free, until each tensor's C++
     use count is back to what it was before the collective closes that window; it costs
     nothing when the thread is done already, and gives up after
-    :data:`RELEASE_TIMEOUT_S`.
+    :data:`RELEASE_TIMEOUT_S` (and from then on waits no more in this process).
 
     Example:
         >>> with released([shape, *shapes]):
         ...     dist.all_gather(shapes, shape)
     """
+    global _release_gave_up
     held = list(tensors)
     count = getattr(torch.Tensor, "_use_count", None)
     before = [count(t) for t in held] if count is not None else []
     yield
-    if count is None:
+    if count is None or _release_gave_up:
         return
     deadline = time.monotonic() + RELEASE_TIMEOUT_S
     pause = 1e-4
-    while any(count(t) > b for t, b in zip(held, before)) and time.monotonic() < deadline:
+    while any(count(t) > b for t, b in zip(held, before)):
+        if time.monotonic() >= deadline:
+            _release_gave_up = True
+            return
         time.sleep(pause)  # frees the GIL for the thread that still holds them
         pause = min(2 * pause, 0.01)
 
